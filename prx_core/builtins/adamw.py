@@ -1,0 +1,56 @@
+"""Optimizer ``adamw`` with the PRX baseline values (SPEC §3).
+
+Warm-up and the constant schedule are core's ``[schedule]`` section and gradient clipping is
+``train.grad_clip``, since every optimizer shares them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prx_core import hookimpl
+from prx_core.hookspecs import PluginInfo
+
+
+@dataclass(frozen=True)
+class AdamWConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    #: PRX uses a tiny eps so that Adam's update stays sign-like for small second moments.
+    eps: float = 1e-15
+    weight_decay: float = 0.0
+    #: None: fused kernels on CUDA, foreach elsewhere (both avoid per-parameter Python loops).
+    fused: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError("lr must be > 0")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError("betas must be in [0, 1)")
+        if self.eps <= 0 or self.weight_decay < 0:
+            raise ValueError("eps must be > 0 and weight_decay >= 0")
+
+
+INFO = PluginInfo(name="adamw", summary="AdamW, lr 1e-4, betas (0.9, 0.95), eps 1e-15, wd 0", spec="SPEC §3")
+
+
+def _build(config: AdamWConfig, run: Any) -> Any:
+    import torch
+
+    params = [p for p in run.require("trainable").parameters() if p.requires_grad]
+    fused = config.fused if config.fused is not None else run.device.type == "cuda"
+    return torch.optim.AdamW(
+        params,
+        lr=config.lr,
+        betas=config.betas,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        fused=fused or None,
+        foreach=None if fused else True,
+    )
+
+
+@hookimpl
+def prx_register_optimizers(registry: Any) -> None:
+    registry.register("adamw", _build, AdamWConfig)

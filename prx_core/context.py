@@ -1,0 +1,99 @@
+"""What hooks receive: the run (built once) and the step (built every micro-step)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from prx_core.keys import Stash
+
+if TYPE_CHECKING:
+    from prx_core.denoiser import TrainableModules
+    from prx_core.recipe import Recipe
+    from prx_core.slots import (
+        DataSource,
+        LatentSpace,
+        Objective,
+        PrecisionPolicy,
+        TextEncoder,
+        TokenRouter,
+        Tracker,
+    )
+
+
+@dataclass
+class RunContext:
+    """The run: recipe, device, the built slot objects and the trainable modules.
+
+    Slots are filled in a fixed order (precision first, since every other builder asks it for
+    dtypes); ``trainable`` exists from ``prx_build_modules`` on.
+    """
+
+    recipe: Recipe
+    device: torch.device
+    run_dir: Path
+    rank: int = 0
+    world_size: int = 1
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("prx"))
+    precision: PrecisionPolicy | None = None
+    data: DataSource | None = None
+    latent_space: LatentSpace | None = None
+    text_encoder: TextEncoder | None = None
+    objective: Objective | None = None
+    router: TokenRouter | None = None
+    tracker: Tracker | None = None
+    trainable: TrainableModules | None = None
+    captures: set[int] = field(default_factory=set)
+
+    def plugin_config(self, name: str) -> Any:
+        """The validated ``[plugins.<name>]`` config of an enabled plugin."""
+        try:
+            return self.recipe.plugins[name]
+        except KeyError:
+            raise KeyError(f"plugin '{name}' is not enabled in recipe '{self.recipe.name}'") from None
+
+    def capture_after_block(self, index: int) -> None:
+        """Ask the block loop to publish block ``index``'s output tokens under CAPTURED_FEATURES."""
+        depth = self.recipe.model.depth
+        if not 0 <= index < depth:
+            raise ValueError(f"cannot capture block {index}: the model has blocks 0..{depth - 1}")
+        self.captures.add(index)
+
+    def require(self, what: str) -> Any:
+        """A built slot object, with a clear error when it is asked for too early."""
+        value = getattr(self, what)
+        if value is None:
+            raise RuntimeError(f"run.{what} is not built yet at this point of setup")
+        return value
+
+
+@dataclass
+class ForwardContext:
+    """Per-forward state for block-loop seams (routers, capture)."""
+
+    stash: Stash
+    generator: torch.Generator | None
+    training: bool
+
+
+@dataclass
+class StepContext:
+    """One micro-step, as loss-term plugins see it. Tensors carry their shapes in their names."""
+
+    run: RunContext
+    step: int
+    micro_step: int
+    images_BCHW: torch.Tensor
+    x0_BCHW: torch.Tensor
+    noise_BCHW: torch.Tensor
+    t_B: torch.Tensor
+    x_t_BCHW: torch.Tensor
+    text_BLD: torch.Tensor
+    mask_BL: torch.Tensor
+    stash: Stash
+    generator: torch.Generator
+    prediction_BCHW: torch.Tensor | None = None

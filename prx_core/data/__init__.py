@@ -1,0 +1,1 @@
+"""Data sources for prx: offline toy datasets and caption selection."""

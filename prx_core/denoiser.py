@@ -1,0 +1,119 @@
+"""The denoiser: ``diffusers.PRXTransformer2DModel``, run block by block by the trainer.
+
+The trainer does not call ``model.forward``: it replays it from the model's own submodules so
+that token routers and feature capture can act at block boundaries without patching the model.
+``tests/unit/test_denoiser.py`` keeps :func:`denoise` bit-identical to ``model.forward`` when
+nothing is routed, so trained weights still load in ``PRXPipeline``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from diffusers import PRXTransformer2DModel
+from diffusers.models.transformers.transformer_prx import get_image_ids, img2seq, seq2img
+from torch.utils.checkpoint import checkpoint
+
+from prx_core.context import ForwardContext
+from prx_core.keys import CAPTURED_FEATURES
+from prx_core.recipe import ModelConfig
+from prx_core.slots import TokenRouter
+
+
+class TrainableModules(torch.nn.Module):
+    """Everything the optimizer trains: the denoiser plus plugin modules, saved together."""
+
+    def __init__(self, model: PRXTransformer2DModel, extras: Mapping[str, torch.nn.Module] | None = None) -> None:
+        super().__init__()
+        self.model = model
+        # Sorted so parameter order (and so optimizer state layout) never depends on plugin order.
+        self.extras = torch.nn.ModuleDict(dict(sorted((extras or {}).items())))
+
+
+def build_model(config: ModelConfig, context_in_dim: int, dtype: torch.dtype) -> PRXTransformer2DModel:
+    model = PRXTransformer2DModel(
+        in_channels=config.in_channels,
+        patch_size=config.patch_size,
+        context_in_dim=context_in_dim,
+        hidden_size=config.hidden_size,
+        mlp_ratio=config.mlp_ratio,
+        num_heads=config.num_heads,
+        depth=config.depth,
+        axes_dim=list(config.axes_dim),
+        theta=config.theta,
+        time_factor=config.time_factor,
+        time_max_period=config.time_max_period,
+        bottleneck_size=config.bottleneck_size,
+        resolution_embeds=config.resolution_embeds,
+    )
+    # The model is built in fp32; cast only when the policy asks for another weight dtype
+    # (diffusers warns on every dtype cast, even a no-op one).
+    return model if dtype == torch.float32 else model.to(dtype=dtype)
+
+
+def denoise(
+    model: PRXTransformer2DModel,
+    x_t_BCHW: torch.Tensor,
+    t_B: torch.Tensor,
+    text_BLD: torch.Tensor,
+    mask_BL: torch.Tensor | None,
+    ctx: ForwardContext,
+    router: TokenRouter | None = None,
+    captures: frozenset[int] | set[int] = frozenset(),
+    activation_checkpointing: bool = False,
+) -> torch.Tensor:
+    """``model.forward`` replayed from submodules, with seams at block boundaries.
+
+    * ``router.enter`` runs before block ``router.start`` and may shrink the image sequence (with
+      matching RoPE rows); ``router.exit`` runs after block ``router.end`` and restores it.
+    * Blocks listed in ``captures`` publish their output tokens in ``ctx.stash[CAPTURED_FEATURES]``.
+    """
+    txt_BTH = model.txt_in(text_BLD)
+    img_BLH = model.img_in(img2seq(x_t_BCHW, model.patch_size))
+    batch, _, height, width = x_t_BCHW.shape
+    image_ids = get_image_ids(batch, height, width, patch_size=model.patch_size, device=x_t_BCHW.device)
+    rope_full = model.pe_embedder(image_ids)
+    vec_BH = model._compute_timestep_embedding(t_B, dtype=img_BLH.dtype)
+    if model.resolution_embedder is not None:
+        h_B = torch.full((batch,), height, device=x_t_BCHW.device, dtype=torch.float32)
+        w_B = torch.full((batch,), width, device=x_t_BCHW.device, dtype=torch.float32)
+        vec_BH = vec_BH + model.resolution_embedder(h_B, w_B, dtype=vec_BH.dtype)
+
+    rope = rope_full
+    routed = False
+    captured: dict[int, torch.Tensor] = {}
+    for index, block in enumerate(model.blocks):
+        if router is not None and index == router.start:
+            entered = router.enter(img_BLH, rope_full, ctx)
+            if entered is not None:
+                img_BLH, rope = entered
+                routed = True
+        if activation_checkpointing and torch.is_grad_enabled():
+            img_BLH = checkpoint(block, img_BLH, txt_BTH, vec_BH, rope, mask_BL, use_reentrant=False)
+        else:
+            img_BLH = block(
+                hidden_states=img_BLH,
+                encoder_hidden_states=txt_BTH,
+                temb=vec_BH,
+                image_rotary_emb=rope,
+                attention_mask=mask_BL,
+            )
+        if index in captures:
+            captured[index] = img_BLH
+        if routed and router is not None and index == router.end:
+            img_BLH = router.exit(img_BLH, ctx)
+            rope = rope_full
+            routed = False
+    if captured:
+        ctx.stash[CAPTURED_FEATURES] = captured
+    out_BLP = model.final_layer(img_BLH, vec_BH)
+    return seq2img(out_BLP, model.patch_size, x_t_BCHW.shape)
+
+
+def export_diffusers(model: PRXTransformer2DModel, directory: Path) -> Path:
+    """Write a folder that ``PRXTransformer2DModel.from_pretrained`` (and PRXPipeline) loads."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory

@@ -1,0 +1,466 @@
+"""Recipes: TOML files that choose and parameterise plugins.
+
+* ``extends = "parent.toml"`` names a single parent (relative to the file). Tables deep-merge;
+  lists and scalars are replaced.
+* Every table binds strictly to a frozen dataclass (:mod:`prx_core.config`): core's own
+  sections below, each slot entry's ``Config`` and each ``[plugins.<name>]`` plugin's ``Config``.
+* ``--set a.b=value`` overrides go through the same merge and the same validation, and are
+  recorded in the resolved recipe.
+* :func:`validate` checks everything that can be checked without building a model: names,
+  types, plugin ``requires``/``conflicts``, and the shape contract between the latent space and
+  the denoiser (SPEC §7.3, §7.4).
+
+Python's ``tomllib`` (TOML 1.0) reads recipes; :func:`dump_toml` writes the resolved recipe back
+in a form ``tomllib`` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from prx_core.config import RecipeError, bind, suggest, to_table
+from prx_core.plugins import ActivePlugins, activate
+from prx_core.registry import SLOTS
+
+OVERRIDE_SOURCE = "--set"
+
+
+# --------------------------------------------------------------------------- core sections
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``diffusers.PRXTransformer2DModel`` arguments; the defaults are PRX-1.2B (SPEC §1)."""
+
+    in_channels: int = 16
+    patch_size: int = 2
+    #: None: taken from the text encoder's width.
+    context_in_dim: int | None = None
+    hidden_size: int = 1792
+    mlp_ratio: float = 3.5
+    num_heads: int = 28
+    depth: int = 16
+    axes_dim: tuple[int, ...] = (32, 32)
+    theta: int = 10000
+    time_factor: float = 1000.0
+    time_max_period: int = 10000
+    bottleneck_size: int | None = None
+    resolution_embeds: bool = False
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if sum(self.axes_dim) != self.hidden_size // self.num_heads:
+            raise ValueError(
+                f"axes_dim {list(self.axes_dim)} must sum to the head dim {self.hidden_size // self.num_heads}"
+            )
+        for name in ("in_channels", "patch_size", "depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop. Defaults follow the PRX baseline (SPEC §3)."""
+
+    steps: int = 100_000
+    global_batch: int = 256
+    #: Per-process batch of one forward pass; None means global_batch / world_size (no accumulation).
+    micro_batch: int | None = None
+    #: Gradient-norm clip; 0 disables.
+    grad_clip: float = 0.2
+    log_every: int = 50
+    #: Sample grid every N steps (0: only at the end).
+    sample_every: int = 0
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "global_batch", "log_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ValueError("micro_batch must be >= 1")
+        if self.keep_checkpoints < 2:
+            raise ValueError("keep_checkpoints must be >= 2, so a corrupt newest checkpoint has a fallback")
+        if self.grad_clip < 0 or self.sample_every < 0:
+            raise ValueError("grad_clip and sample_every must be >= 0")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule: linear warm-up then constant (the PRX baseline, SPEC §3)."""
+
+    warmup_steps: int = 1000
+    kind: Literal["constant"] = "constant"
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ValueError("warmup_steps must be >= 0")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Sample grids and inference defaults (SPEC §2: evaluation uses 50 steps at CFG 3.5)."""
+
+    steps: int = 50
+    cfg: float = 3.5
+    #: Number of grid prompts taken from the data source's held-out captions when prompts is empty.
+    num_prompts: int = 8
+    prompts: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.num_prompts < 1:
+            raise ValueError("steps and num_prompts must be >= 1")
+
+
+CORE_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "schedule": ScheduleConfig,
+    "sampling": SamplingConfig,
+}
+TOP_LEVEL_SCALARS = ("name", "seed", "description", "extends")
+#: Slot defaults: core's builtins (DESIGN principle 2). Slots without a default must be chosen.
+SLOT_DEFAULTS: dict[str, str | None] = {
+    "latent_space": "pixel",
+    "text_encoder": None,
+    "objective": "flow_matching",
+    "router": None,
+    "optimizer": "adamw",
+    "precision": "bf16_mixed",
+    "metric": None,
+    "data": "synthetic_shapes",
+    "tracker": "console",
+}
+#: Slots a recipe picks with ``[slot] use = ...``. Metrics are listed by the evaluation section.
+RECIPE_SLOTS = tuple(s for s in SLOTS if s != "metric")
+
+
+@dataclass(frozen=True)
+class SlotChoice:
+    use: str
+    config: Any
+    plugin: str
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: every table bound, every plugin resolved."""
+
+    name: str
+    seed: int
+    description: str
+    model: ModelConfig
+    train: TrainConfig
+    schedule: ScheduleConfig
+    sampling: SamplingConfig
+    slots: dict[str, SlotChoice]
+    plugins: dict[str, Any]
+    source: Path | None
+    overrides: list[str]
+    active: ActivePlugins = field(repr=False)
+
+    def slot_config(self, slot: str) -> Any:
+        return self.slots[slot].config
+
+    def resolved(self) -> dict[str, Any]:
+        """The complete recipe with every default filled in; re-loadable by :func:`load`."""
+        out: dict[str, Any] = {"name": self.name, "seed": self.seed, "description": self.description}
+        for section in CORE_SECTIONS:
+            table = to_table(getattr(self, section))
+            out[section] = {k: v for k, v in table.items() if v is not None}
+        for slot, choice in self.slots.items():
+            table = {"use": choice.use, **to_table(choice.config)}
+            out[slot] = {k: v for k, v in table.items() if v is not None}
+        if self.plugins:
+            out["plugins"] = {
+                n: {k: v for k, v in to_table(c).items() if v is not None} for n, c in sorted(self.plugins.items())
+            }
+        return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class RawRecipe:
+    """The merged tables and, for every dotted key, the file it came from."""
+
+    data: dict[str, Any]
+    origin: dict[str, str]
+    source: Path | None
+    overrides: list[str] = field(default_factory=list)
+
+    def where(self, dotted: str) -> str:
+        """Source of a dotted key, falling back to its nearest parent table, then the leaf file."""
+        key = dotted.split("[")[0]
+        while key:
+            if key in self.origin:
+                return self.origin[key]
+            key = key.rpartition(".")[0]
+        return str(self.source) if self.source else "recipe"
+
+
+def _record(origin: dict[str, str], table: Mapping[str, Any], src: str, prefix: str = "") -> None:
+    for key, value in table.items():
+        dotted = f"{prefix}{key}"
+        origin[dotted] = src
+        if isinstance(value, Mapping):
+            _record(origin, value, src, f"{dotted}.")
+
+
+def deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """Tables merge recursively; anything else in ``top`` (lists included) replaces ``base``."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> RawRecipe:
+    path = Path(path).resolve()
+    if path in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path))
+        raise RecipeError(f"{path}: 'extends' forms a cycle: {cycle}")
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as err:
+        raise RecipeError(f"{path}: invalid TOML: {err}") from err
+    parent = data.pop("extends", None)
+    origin: dict[str, str] = {}
+    merged: dict[str, Any] = {}
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise RecipeError(f"{path}: 'extends' must be a path string, got {parent!r}")
+        base = load_raw(path.parent / parent, (*_chain, path))
+        merged, origin = base.data, dict(base.origin)
+    _record(origin, data, str(path))
+    return RawRecipe(deep_merge(merged, data), origin, path)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value``: the value is parsed as a TOML value, or taken as a bare string."""
+    key, sep, value_text = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"{OVERRIDE_SOURCE}: expected KEY=VALUE with a dotted key, got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {value_text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text.strip()
+    return key.split("."), value
+
+
+def apply_overrides(raw: RawRecipe, overrides: list[str]) -> RawRecipe:
+    data = raw.data
+    origin = dict(raw.origin)
+    for text in overrides:
+        parts, value = parse_override(text)
+        patch: dict[str, Any] = {parts[-1]: value}
+        for part in reversed(parts[:-1]):
+            patch = {part: patch}
+        data = deep_merge(data, patch)
+        _record(origin, patch, OVERRIDE_SOURCE)
+    return RawRecipe(data, origin, raw.source, [*raw.overrides, *overrides])
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    raw = load_raw(path)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return validate(raw)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _table(raw: RawRecipe, key: str) -> dict[str, Any]:
+    value = raw.data.get(key, {})
+    if not isinstance(value, Mapping):
+        raise RecipeError(f"{raw.where(key)}: '{key}' must be a table, got {value!r}")
+    return dict(value)
+
+
+def validate(raw: RawRecipe) -> Recipe:
+    allowed = (*TOP_LEVEL_SCALARS, *CORE_SECTIONS, *RECIPE_SLOTS, "plugins")
+    for key in raw.data:
+        if key not in allowed:
+            raise RecipeError(f"{raw.where(key)}: unknown key '{key}'{suggest(key, allowed)}")
+    name = raw.data.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise RecipeError(f"{raw.where('name')}: 'name' must be a non-empty string (it names the run directory)")
+    if "/" in name or name.startswith("."):
+        raise RecipeError(f"{raw.where('name')}: 'name' must not contain '/' or start with '.', got {name!r}")
+    seed = raw.data.get("seed", 42)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise RecipeError(f"{raw.where('seed')}: 'seed' must be a non-negative int, got {seed!r}")
+    description = raw.data.get("description", "")
+    if not isinstance(description, str):
+        raise RecipeError(f"{raw.where('description')}: 'description' must be a string")
+
+    sections: dict[str, Any] = {s: bind(cls, _table(raw, s), prefix=s, where=raw.where) for s, cls in CORE_SECTIONS.items()}
+
+    choices: dict[str, str] = {}
+    for slot in RECIPE_SLOTS:
+        table = _table(raw, slot)
+        use = table.get("use", SLOT_DEFAULTS[slot])
+        if use is None:
+            if slot == "router":
+                continue
+            raise RecipeError(f"{raw.where(slot)}: slot '{slot}' has no default; set '{slot}.use'")
+        if not isinstance(use, str):
+            raise RecipeError(f"{raw.where(slot + '.use')}: '{slot}.use' must be a name string, got {use!r}")
+        choices[slot] = use
+    plugin_tables = _table(raw, "plugins")
+    for pname, ptable in plugin_tables.items():
+        if not isinstance(ptable, Mapping):
+            raise RecipeError(f"{raw.where('plugins.' + pname)}: 'plugins.{pname}' must be a table")
+
+    active = activate(choices, plugin_tables, where=str(raw.source or "recipe"))
+
+    slots: dict[str, SlotChoice] = {}
+    for slot, use in choices.items():
+        entry = active.registries[slot].get(use, where=raw.where(f"{slot}.use"))
+        table = {k: v for k, v in _table(raw, slot).items() if k != "use"}
+        slots[slot] = SlotChoice(use, bind(entry.config, table, prefix=slot, where=raw.where), entry.plugin)
+
+    plugins: dict[str, Any] = {}
+    for pname, ptable in sorted(plugin_tables.items()):
+        info = active.infos[pname]
+        if info.config is None:
+            if ptable:
+                raise RecipeError(f"{raw.where('plugins.' + pname)}: plugin '{pname}' takes no settings")
+            plugins[pname] = None
+        else:
+            plugins[pname] = bind(info.config, ptable, prefix=f"plugins.{pname}", where=raw.where)
+
+    recipe = Recipe(
+        name=name,
+        seed=seed,
+        description=description,
+        model=sections["model"],
+        train=sections["train"],
+        schedule=sections["schedule"],
+        sampling=sections["sampling"],
+        slots=slots,
+        plugins=plugins,
+        source=raw.source,
+        overrides=list(raw.overrides),
+        active=active,
+    )
+    check_compatibility(recipe, raw)
+    return recipe
+
+
+def capabilities(recipe: Recipe) -> set[str]:
+    caps = {f"{slot}:{choice.use}" for slot, choice in recipe.slots.items()}
+    caps |= {f"plugin:{name}" for name in recipe.plugins}
+    return caps
+
+
+def check_compatibility(recipe: Recipe, raw: RawRecipe) -> None:
+    """Cross-plugin checks that need no model: requires/conflicts and tensor shapes."""
+    caps = capabilities(recipe)
+    involved = {c.plugin for c in recipe.slots.values()} | set(recipe.plugins)
+    for pname in sorted(involved):
+        info = recipe.active.infos[pname]
+        missing = [r for r in info.requires if r not in caps]
+        if missing:
+            raise RecipeError(
+                f"{raw.source}: plugin '{pname}' requires {', '.join(missing)}, which this recipe does not "
+                f"select (it selects {', '.join(sorted(caps))})"
+            )
+        clashes = [c for c in info.conflicts if c in caps]
+        if clashes:
+            raise RecipeError(f"{raw.source}: plugin '{pname}' conflicts with {', '.join(clashes)}")
+
+    latent = recipe.slot_config("latent_space")
+    if latent.channels != recipe.model.in_channels:
+        raise RecipeError(
+            f"{raw.where('model.in_channels')}: 'model.in_channels' is {recipe.model.in_channels} but latent "
+            f"space '{recipe.slots['latent_space'].use}' produces {latent.channels} channels (SPEC §7.4)"
+        )
+    text_dim = recipe.slot_config("text_encoder").dim
+    if recipe.model.context_in_dim is not None and recipe.model.context_in_dim != text_dim:
+        raise RecipeError(
+            f"{raw.where('model.context_in_dim')}: 'model.context_in_dim' is {recipe.model.context_in_dim} but "
+            f"text encoder '{recipe.slots['text_encoder'].use}' produces {text_dim}-d states; leave it unset"
+        )
+    size = getattr(recipe.slot_config("data"), "size", None)
+    if size is not None:
+        factor = latent.spatial_compression * recipe.model.patch_size
+        if size % factor:
+            raise RecipeError(
+                f"{raw.where('data.size')}: image size {size} is not divisible by latent compression × patch "
+                f"size = {factor}"
+            )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"cannot write non-finite float {value} to TOML")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
+
+
+def dump_toml(data: Mapping[str, Any], header: str = "") -> str:
+    """Write nested tables as TOML. Tables of tables become ``[a.b]`` sections."""
+    lines = [f"# {line}" for line in header.splitlines()]
+
+    def emit(table: Mapping[str, Any], path: list[str]) -> None:
+        scalars = {k: v for k, v in table.items() if not _is_section(v)}
+        sections = {k: v for k, v in table.items() if _is_section(v)}
+        if path and (scalars or not sections):
+            lines.append("")
+            lines.append("[" + ".".join(_toml_key(p) for p in path) + "]")
+        for k, v in scalars.items():
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+        for k, v in sections.items():
+            emit(v, [*path, k])
+
+    emit(data, [])
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _is_section(value: Any) -> bool:
+    # A table whose values are all scalars or lists is still a section; only caption-weight-like
+    # tables nested inside a section are written inline, which _toml_value handles.
+    return isinstance(value, Mapping)
+
+
+def config_fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]

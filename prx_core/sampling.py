@@ -1,0 +1,60 @@
+"""Deterministic Euler sampling with classifier-free guidance (SPEC §2)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from prx_core.flow import timestep_grid
+from prx_core.slots import Guidance
+
+#: velocity(x_t, t_B, states_BLD, mask_BL) -> v, with the sampling weights.
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def classifier_free_guidance(
+    velocity: VelocityFn,
+    x_t_BCHW: torch.Tensor,
+    t_B: torch.Tensor,
+    cond: tuple[torch.Tensor, torch.Tensor],
+    uncond: tuple[torch.Tensor, torch.Tensor],
+    scale: float,
+) -> torch.Tensor:
+    """out = u + s·(c − u); one batched forward for both branches. s = 1 skips the unconditional."""
+    if scale == 1.0:
+        return velocity(x_t_BCHW, t_B, *cond)
+    batch = x_t_BCHW.shape[0]
+    states = torch.cat([cond[0], uncond[0].expand(batch, -1, -1)])
+    mask = torch.cat([cond[1], uncond[1].expand(batch, -1)])
+    v_2B = velocity(torch.cat([x_t_BCHW, x_t_BCHW]), torch.cat([t_B, t_B]), states, mask)
+    v_cond, v_uncond = v_2B.chunk(2)
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
+@torch.no_grad()
+def euler_sample(
+    velocity: VelocityFn,
+    noise_BCHW: torch.Tensor,
+    cond: tuple[torch.Tensor, torch.Tensor],
+    uncond: tuple[torch.Tensor, torch.Tensor],
+    steps: int,
+    cfg: float,
+    shift: float = 1.0,
+    guidance: Guidance | None = None,
+) -> torch.Tensor:
+    """Integrate from t = 1 (``noise``) to t = 0 on the shifted grid; returns x0 in latent space.
+
+    ``guidance`` replaces CFG when a plugin provides one (e.g. TREAD self-guidance).
+    """
+    grid = timestep_grid(steps, shift)
+    x = noise_BCHW
+    batch = x.shape[0]
+    for i in range(steps):
+        t_B = torch.full((batch,), float(grid[i]), device=x.device, dtype=torch.float32)
+        if guidance is not None:
+            v = guidance(velocity, x, t_B, cond, uncond)
+        else:
+            v = classifier_free_guidance(velocity, x, t_B, cond, uncond, cfg)
+        x = x + float(grid[i + 1] - grid[i]) * v.to(x.dtype)
+    return x

@@ -1,0 +1,182 @@
+"""Protocols for the objects that fill the exclusive slots.
+
+A registry entry's factory returns an object following one of these protocols. They are
+structural (``typing.Protocol``), so a plugin never subclasses anything from core.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+    from prx_core.context import ForwardContext, StepContext
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+class LatentSpaceConfig(Protocol):
+    """A latent space's config must tell its shape without loading weights (for ``check``)."""
+
+    @property
+    def channels(self) -> int: ...
+    @property
+    def spatial_compression(self) -> int: ...
+
+
+class LatentSpace(Protocol):
+    channels: int
+    spatial_compression: int
+
+    def encode(self, images_BCHW: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Images in [0, 1] to normalised latents."""
+        ...
+
+    def decode(self, latents_BCHW: torch.Tensor) -> torch.Tensor:
+        """Latents back to images in [0, 1]."""
+        ...
+
+
+class TextEncoderConfig(Protocol):
+    """The text width is needed before loading, to size the denoiser's ``context_in_dim``."""
+
+    @property
+    def dim(self) -> int: ...
+
+
+class TextEncoder(Protocol):
+    dim: int
+    max_length: int
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts to (states_BLD, mask_BL) with L == max_length; mask is bool, True = real token."""
+        ...
+
+    def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The empty-prompt encoding (1, L, D), (1, L); computed once and cached."""
+        ...
+
+
+class Objective(Protocol):
+    caption_dropout: float
+    shift: float
+
+    def sample_timesteps(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        """Training timesteps t_B in (0, 1), t = 1 is noise."""
+        ...
+
+    def loss(self, step: StepContext, prediction_BCHW: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss [B]. Publishes x̂0 under :data:`prx_core.keys.X0_PREDICTION`."""
+        ...
+
+    def velocity(self, prediction_BCHW: torch.Tensor, x_t_BCHW: torch.Tensor, t_B: torch.Tensor) -> torch.Tensor:
+        """Convert the model output to the velocity v = ε − x0 the Euler sampler integrates."""
+        ...
+
+
+class TokenRouter(Protocol):
+    """Skips a subset of image tokens over blocks ``start..end`` (inclusive).
+
+    ``enter`` runs before block ``start`` and returns the visible tokens and their RoPE entries
+    (or ``None`` to route nothing in this forward); ``exit`` runs after block ``end`` and returns
+    the full-length sequence. Route plans go in the stash under ``ROUTE_PLAN``.
+    """
+
+    start: int
+    end: int
+
+    def enter(
+        self, img_BLH: torch.Tensor, rope: torch.Tensor, ctx: ForwardContext
+    ) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+
+    def exit(self, img_BKH: torch.Tensor, ctx: ForwardContext) -> torch.Tensor: ...
+
+
+class PrecisionPolicy(Protocol):
+    """The single authority on dtypes. Plugins ask it instead of naming a dtype."""
+
+    name: str
+    param_dtype: torch.dtype
+    frozen_dtype: torch.dtype
+
+    def autocast(self, device: torch.device) -> AbstractContextManager[Any]: ...
+
+    def check(self, modules: torch.nn.Module, optimizer: torch.optim.Optimizer | None, when: str) -> None:
+        """Raise if weights, gradients or optimizer state are not in the dtypes promised."""
+        ...
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """Which samples a rank needs: a pure function of these fields, so resume is exact."""
+
+    step: int
+    micro_step: int
+    accumulation: int
+    rank: int
+    world_size: int
+    size: int
+    seed: int
+
+    def first_sample(self) -> int:
+        """Index of this request's first sample in the global sample stream.
+
+        The stream is laid out step-major, then micro-step, then rank, so every sample is seen
+        exactly once whatever the world size, and a resumed run continues where it stopped.
+        """
+        return ((self.step * self.accumulation + self.micro_step) * self.world_size + self.rank) * self.size
+
+
+@dataclass
+class RawBatch:
+    images_BCHW: torch.Tensor  # float32 in [0, 1]
+    captions: list[str]
+
+
+class DataSource(Protocol):
+    #: Identifies the data content, so a resume on different data can be refused.
+    fingerprint: str
+
+    def batch(self, request: BatchRequest) -> RawBatch: ...
+
+    def held_out_captions(self, n: int) -> list[str]:
+        """Captions never used for training, for sample grids and evaluation."""
+        ...
+
+
+class Tracker(Protocol):
+    def start(self, hparams: dict[str, Any], total_steps: int, first_step: int) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_image(self, name: str, path: str, step: int) -> None: ...
+    def close(self) -> None: ...
+
+
+class Metric(Protocol):
+    name: str
+
+    def compute(self, generated_BCHW: torch.Tensor, reference_BCHW: torch.Tensor | None) -> float: ...
+
+
+#: ``predict(x_t, t, states, mask) -> model output`` with the sampling weights.
+Predictor = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+
+
+class Guidance(Protocol):
+    """Replaces classifier-free guidance: returns the guided velocity for one Euler step."""
+
+    def __call__(
+        self,
+        velocity: Callable[..., torch.Tensor],
+        x_t_BCHW: torch.Tensor,
+        t_B: torch.Tensor,
+        cond: tuple[torch.Tensor, torch.Tensor],
+        uncond: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor: ...

@@ -1,0 +1,521 @@
+"""The training loop. Read it top to bottom: setup, then ``fit``, then the pieces ``fit`` calls.
+
+Randomness inside a step comes from generators keyed by (seed, purpose, step, micro-step,
+rank) (:mod:`prx_core.seeding`), and the data is a pure function of the step, so a resumed run
+continues bitwise as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+
+from prx_core.checkpoint import CheckpointInfo, CheckpointManager, resolve_checkpoint
+from prx_core.config import RecipeError
+from prx_core.context import ForwardContext, RunContext, StepContext
+from prx_core.denoiser import TrainableModules, build_model, denoise, export_diffusers
+from prx_core.flow import interpolate
+from prx_core.hookspecs import LossTerm
+from prx_core.images import save_grid
+from prx_core.keys import Stash
+from prx_core.recipe import Recipe
+from prx_core.rundir import METRICS_FILE, truncate_metrics, write_atomic, write_run_files
+from prx_core.sampling import euler_sample
+from prx_core.seeding import generator_for
+from prx_core.slots import BatchRequest, Guidance
+from prx_core.text_cache import CachedTextEncoder
+
+logger = logging.getLogger("prx")
+
+#: Recipe keys that may change between a checkpoint and its resume without --allow-drift.
+DRIFT_EXEMPT = (
+    "train.steps",
+    "train.log_every",
+    "train.sample_every",
+    "train.checkpoint_every",
+    "description",
+)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class FitResult:
+    step: int
+    final_loss: float
+    run_dir: Path
+    stopped_early: bool
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise TrainingError("train.device is 'cuda' but no CUDA device is available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def batch_layout(global_batch: int, micro_batch: int | None, world_size: int) -> tuple[int, int]:
+    """(micro_batch, accumulation) such that micro_batch × accumulation × world_size == global_batch."""
+    micro = micro_batch if micro_batch is not None else global_batch // world_size
+    if micro < 1 or global_batch % (micro * world_size):
+        raise RecipeError(
+            f"train.global_batch {global_batch} is not divisible by micro_batch {micro} × world size {world_size}"
+        )
+    return micro, global_batch // (micro * world_size)
+
+
+def flatten_dict(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(flatten_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def recipe_drift(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ, except those that may change on resume."""
+    a, b = flatten_dict(saved), flatten_dict(current)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in DRIFT_EXEMPT)
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    state: Any = np.random.get_state(legacy=True)
+    _, keys, pos, has_gauss, cached = state
+    return {
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "rest": [int(pos), int(has_gauss), float(cached)],
+    }
+
+
+class Trainer:
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: Path,
+        resume: str | None = None,
+        allow_drift: bool = False,
+        command: list[str] | None = None,
+    ) -> None:
+        self.recipe = recipe
+        self.run_dir = run_dir
+        self.resume = resume
+        self.allow_drift = allow_drift
+        self.command = command or []
+        self.stop_requested = False
+        self.tracker_failures = 0
+        self.step = 0
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        recipe = self.recipe
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise TrainingError(
+                "multi-process launch detected (WORLD_SIZE > 1), but this prx build trains on a single "
+                "process only; run without torchrun/accelerate launch"
+            )
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=recipe.train.keep_checkpoints)
+        start_from = self._checkpoint_to_resume()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._attach_log_file()
+
+        device = resolve_device(recipe.train.device)
+        run = RunContext(recipe=recipe, device=device, run_dir=self.run_dir)
+        self.run = run
+        self.pm = recipe.active.manager
+        # Precision first: every other builder asks it for dtypes.
+        run.precision = self._build_slot("precision")
+        run.data = self._build_slot("data")
+        run.latent_space = self._build_slot("latent_space")
+        run.text_encoder = CachedTextEncoder(self._build_slot("text_encoder"))
+        run.objective = self._build_slot("objective")
+        run.router = self._build_slot("router") if "router" in recipe.slots else None
+        run.tracker = self._build_slot("tracker")
+
+        torch.manual_seed(recipe.seed)  # model init draws from the global generator
+        model = build_model(recipe.model, run.text_encoder.dim, run.precision.param_dtype)
+        run.trainable = TrainableModules(model)
+        self.pm.hook.prx_configure(run=run)
+        extras: dict[str, torch.nn.Module] = {}
+        for contribution in self.pm.hook.prx_build_modules(run=run):
+            for name, module in (contribution or {}).items():
+                if name in extras:
+                    raise TrainingError(f"two plugins build an extra module named '{name}'")
+                extras[name] = module
+        run.trainable = TrainableModules(model, extras).to(device=device, dtype=run.precision.param_dtype)
+        self.optimizer = self._build_slot("optimizer")
+        warmup = recipe.schedule.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
+        )
+        self.micro_batch, self.accumulation = batch_layout(
+            recipe.train.global_batch, recipe.train.micro_batch, run.world_size
+        )
+        self.empty_prompt = run.text_encoder.empty()
+        if start_from is not None:
+            self._load(start_from)
+        else:
+            write_run_files(self.run_dir, recipe, self.command)
+        run.precision.check(run.trainable, self.optimizer, "after resume" if start_from else "at start")
+        n_params = sum(p.numel() for p in run.trainable.parameters())
+        logger.info(
+            "run '%s' on %s: %.2fM trainable parameters, global batch %d = %d × %d accumulation × %d process(es), "
+            "precision %s, plugins %s",
+            recipe.name,
+            device,
+            n_params / 1e6,
+            recipe.train.global_batch,
+            self.micro_batch,
+            self.accumulation,
+            run.world_size,
+            run.precision.name,
+            ", ".join(f"{k} {v}" for k, v in recipe.active.versions_table().items()),
+        )
+
+    def _build_slot(self, slot: str) -> Any:
+        choice = self.recipe.slots[slot]
+        entry = self.recipe.active.registries[slot].get(choice.use)
+        return entry.factory(choice.config, self.run)
+
+    def _attach_log_file(self) -> None:
+        path = (self.run_dir / "train.log").resolve()
+        root = logging.getLogger("prx")
+        if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path for h in root.handlers):
+            handler = logging.FileHandler(path, encoding="utf-8")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            root.addHandler(handler)
+            self._log_handler = handler
+
+    def _checkpoint_to_resume(self) -> CheckpointInfo | None:
+        existing = self.checkpoints.committed()
+        if self.resume is None:
+            if existing:
+                raise TrainingError(
+                    f"run directory {self.run_dir} already holds checkpoints (newest: step {existing[-1].step}); "
+                    "pass --resume auto to continue it, or --run-dir to start a new run"
+                )
+            return None
+        if self.resume == "auto":
+            info = self.checkpoints.latest_valid()
+            if info is None:
+                logger.info("--resume auto: no checkpoint in %s, starting from scratch", self.run_dir)
+            return info
+        return resolve_checkpoint(Path(self.resume))
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> FitResult:
+        recipe, run = self.recipe, self.run
+        train = recipe.train
+        tracker = run.require("tracker")
+        self._track(tracker.start, recipe.resolved(), train.steps, self.step)
+        metrics_path = self.run_dir / METRICS_FILE
+        loss_sum = torch.zeros((), device=run.device)
+        term_sums: dict[str, torch.Tensor] = {}
+        window_steps, window_start = 0, time.perf_counter()
+        last_loss = math.nan
+        with self._graceful_stop(), metrics_path.open("a", encoding="utf-8") as metrics_file:
+            while self.step < train.steps and not self.stop_requested:
+                loss, terms, grad_norm = self.train_step(self.step)
+                self.step += 1
+                loss_sum += loss
+                for name, value in terms.items():
+                    term_sums[name] = term_sums.get(name, torch.zeros_like(loss)) + value
+                window_steps += 1
+                if self.step % train.log_every == 0 or self.step == train.steps:
+                    elapsed = time.perf_counter() - window_start
+                    metrics: dict[str, float] = {
+                        "loss": loss_sum.item() / window_steps,
+                        "grad_norm": grad_norm.item(),
+                        "lr": float(self.scheduler.get_last_lr()[0]),
+                        "steps_per_s": window_steps / elapsed,
+                        "images_per_s": window_steps * train.global_batch / elapsed,
+                        **{f"loss/{k}": v.item() / window_steps for k, v in sorted(term_sums.items())},
+                    }
+                    if not math.isfinite(metrics["loss"]):
+                        raise TrainingError(f"loss is {metrics['loss']} at step {self.step}; stopping")
+                    last_loss = metrics["loss"]
+                    metrics_file.write(json.dumps({"step": self.step, "time": time.time(), **metrics}) + "\n")
+                    metrics_file.flush()
+                    self._track(tracker.log_metrics, metrics, self.step)
+                    loss_sum.zero_()
+                    term_sums.clear()
+                    window_steps, window_start = 0, time.perf_counter()
+                if train.sample_every and self.step % train.sample_every == 0 and self.step < train.steps:
+                    self.write_samples(self.step)
+                if self.step % train.checkpoint_every == 0 or self.step == train.steps:
+                    self.save()
+            if self.stop_requested and self.step < train.steps:
+                logger.warning("stop requested: saving step %d and exiting; resume with --resume auto", self.step)
+                self.save()
+        if self.step >= train.steps:
+            self.write_samples(self.step)
+            export_diffusers(run.require("trainable").model, self.run_dir / "final" / "transformer")
+        self._track(tracker.close)
+        if self.tracker_failures:
+            logger.warning("the tracker failed %d time(s); metrics.jsonl has the full record", self.tracker_failures)
+        return FitResult(self.step, last_loss, self.run_dir, self.step < train.steps)
+
+    def train_step(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """One optimizer step over ``accumulation`` micro-batches. Returns detached tensors (no host sync)."""
+        run = self.run
+        trainable = run.require("trainable")
+        trainable.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total = torch.zeros((), device=run.device)
+        term_totals: dict[str, torch.Tensor] = {}
+        for micro in range(self.accumulation):
+            loss, terms = self.micro_step(step, micro)
+            (loss / self.accumulation).backward()
+            loss_total += loss.detach() / self.accumulation
+            for name, value in terms.items():
+                term_totals[name] = term_totals.get(name, torch.zeros_like(loss_total)) + value / self.accumulation
+        params = [p for p in trainable.parameters() if p.grad is not None]
+        clip = self.recipe.train.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.pm.hook.prx_after_optimizer_step(run=run, step=step + 1)
+        return loss_total, term_totals, grad_norm.detach()
+
+    def micro_step(self, step: int, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        run, recipe = self.run, self.recipe
+        objective = run.require("objective")
+        precision = run.require("precision")
+        request = BatchRequest(
+            step=step,
+            micro_step=micro,
+            accumulation=self.accumulation,
+            rank=run.rank,
+            world_size=run.world_size,
+            size=self.micro_batch,
+            seed=recipe.seed,
+        )
+        raw = run.require("data").batch(request)
+        generator = generator_for(recipe.seed, "step", step, micro, run.rank)
+        images_BCHW = raw.images_BCHW.to(run.device)
+        with torch.no_grad():
+            x0_BCHW = run.require("latent_space").encode(images_BCHW, generator).to(precision.param_dtype)
+            text_BLD, mask_BL = run.require("text_encoder").encode(raw.captions)
+        text_BLD = text_BLD.to(precision.param_dtype)
+        batch = x0_BCHW.shape[0]
+        drop_B = (torch.rand(batch, generator=generator) < objective.caption_dropout).to(run.device)
+        empty_states, empty_mask = self.empty_prompt
+        text_BLD = torch.where(drop_B[:, None, None], empty_states.to(text_BLD.dtype), text_BLD)
+        mask_BL = torch.where(drop_B[:, None], empty_mask, mask_BL)
+        t_B = objective.sample_timesteps(batch, generator, run.device)
+        noise_BCHW = torch.randn(x0_BCHW.shape, generator=generator, dtype=x0_BCHW.dtype).to(run.device)
+        x_t_BCHW = interpolate(x0_BCHW, noise_BCHW, t_B)
+        stash = Stash()
+        ctx = StepContext(
+            run=run,
+            step=step,
+            micro_step=micro,
+            images_BCHW=images_BCHW,
+            x0_BCHW=x0_BCHW,
+            noise_BCHW=noise_BCHW,
+            t_B=t_B,
+            x_t_BCHW=x_t_BCHW,
+            text_BLD=text_BLD,
+            mask_BL=mask_BL,
+            stash=stash,
+            generator=generator,
+        )
+        route_generator = generator_for(recipe.seed, "route", step, micro, run.rank)
+        forward = ForwardContext(stash=stash, generator=route_generator, training=True)
+        with precision.autocast(run.device):
+            prediction = denoise(
+                run.require("trainable").model,
+                x_t_BCHW,
+                t_B,
+                text_BLD,
+                mask_BL,
+                forward,
+                router=run.router,
+                captures=run.captures,
+                activation_checkpointing=False,
+            )
+            ctx.prediction_BCHW = prediction
+            loss = objective.loss(ctx, prediction).mean()
+            terms = self._loss_terms(ctx)
+        total = loss + sum((t.weight * t.value.float() for t in terms), torch.zeros((), device=run.device))
+        return total, {t.name: t.value.detach().float() for t in terms}
+
+    def _loss_terms(self, ctx: StepContext) -> list[LossTerm]:
+        terms: dict[str, LossTerm] = {}
+        for contribution in self.pm.hook.prx_loss_terms(step=ctx):
+            for term in contribution or []:
+                if term.name in terms:
+                    raise TrainingError(f"two plugins return a loss term named '{term.name}'")
+                terms[term.name] = term
+        # Summing in name order makes the total independent of plugin order, bit for bit.
+        return [terms[name] for name in sorted(terms)]
+
+    # ------------------------------------------------------------------ sampling
+
+    def sampling_modules(self) -> TrainableModules:
+        answers = [m for m in self.pm.hook.prx_sampling_model(run=self.run) if m is not None]
+        if len(answers) > 1:
+            raise TrainingError("more than one plugin provides sampling weights (prx_sampling_model)")
+        return answers[0] if answers else self.run.require("trainable")
+
+    def guidance(self) -> Guidance | None:
+        answers = [g for g in self.pm.hook.prx_guidance(run=self.run) if g is not None]
+        if len(answers) > 1:
+            raise TrainingError("more than one plugin replaces classifier-free guidance (prx_guidance)")
+        return answers[0] if answers else None
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], steps: int, cfg: float, seed: int, size: int) -> torch.Tensor:
+        """Images in [0, 1] for ``prompts``; sample i's noise depends only on (seed, i)."""
+        run = self.run
+        latent = run.require("latent_space")
+        objective = run.require("objective")
+        modules = self.sampling_modules()
+        was_training = modules.training
+        modules.eval()
+        side = size // latent.spatial_compression
+        noise_BCHW = torch.stack(
+            [
+                torch.randn(latent.channels, side, side, generator=generator_for(seed, "sample", i))
+                for i in range(len(prompts))
+            ]
+        ).to(run.device, run.require("precision").param_dtype)
+        states, mask = run.require("text_encoder").encode(prompts)
+        cond = (states.to(noise_BCHW.dtype), mask)
+        uncond = (self.empty_prompt[0].to(noise_BCHW.dtype), self.empty_prompt[1])
+        ctx = ForwardContext(stash=Stash(), generator=None, training=False)
+
+        def velocity(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            ctx.stash.clear()
+            with run.require("precision").autocast(run.device):
+                out = denoise(modules.model, x, t, s, m, ctx, router=run.router)
+            return objective.velocity(out.float(), x, t)
+
+        x0 = euler_sample(velocity, noise_BCHW, cond, uncond, steps, cfg, objective.shift, self.guidance())
+        modules.train(was_training)
+        return latent.decode(x0).float().clamp(0, 1).cpu()
+
+    def write_samples(self, step: int) -> Path:
+        sampling = self.recipe.sampling
+        prompts = list(sampling.prompts) or self.run.require("data").held_out_captions(sampling.num_prompts)
+        size = int(getattr(self.recipe.slot_config("data"), "size", 256))
+        images = self.generate(prompts, sampling.steps, sampling.cfg, sampling.seed, size)
+        out_dir = self.run_dir / "samples"
+        out_dir.mkdir(exist_ok=True)
+        path = save_grid(images, out_dir / f"step_{step:08d}.png")
+        write_atomic(out_dir / f"step_{step:08d}.txt", "".join(f"{i}: {p}\n" for i, p in enumerate(prompts)))
+        self._track(self.run.require("tracker").log_image, "samples", str(path), step)
+        return path
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def plugin_states(self) -> dict[str, Any]:
+        states: dict[str, Any] = {}
+        for contribution in self.pm.hook.prx_checkpoint_state(run=self.run):
+            for key, obj in (contribution or {}).items():
+                if key in states:
+                    raise TrainingError(f"two plugins save checkpoint state under '{key}'")
+                states[key] = obj
+        return states
+
+    def save(self) -> CheckpointInfo:
+        rng = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": _numpy_rng_state(),
+        }
+        parts = {
+            "trainable": self.run.require("trainable").state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "trainer": {
+                "step": self.step,
+                "rng": rng,
+                "data_fingerprint": self.run.require("data").fingerprint,
+            },
+            "plugins": {k: v.state_dict() for k, v in sorted(self.plugin_states().items())},
+        }
+        meta = {"step": self.step, "recipe": self.recipe.resolved(), "world_size": self.run.world_size}
+        info = self.checkpoints.save(self.step, parts, meta)
+        logger.info("saved checkpoint %s", info.path)
+        return info
+
+    def _load(self, info: CheckpointInfo) -> None:
+        parts, meta = self.checkpoints.load(info, device="cpu")
+        drift = recipe_drift(meta.get("recipe", {}), self.recipe.resolved())
+        saved_fp = parts["trainer"].get("data_fingerprint")
+        if saved_fp != self.run.require("data").fingerprint:
+            drift.append(f"data fingerprint ({saved_fp} -> {self.run.require('data').fingerprint})")
+        if drift:
+            message = f"resuming {info.path} with a changed recipe: {', '.join(drift)}"
+            if not self.allow_drift:
+                raise TrainingError(message + "; pass --allow-drift to accept the change")
+            logger.warning(message + " (accepted with --allow-drift)")
+        self.run.require("trainable").load_state_dict(parts["trainable"])
+        self.optimizer.load_state_dict(parts["optimizer"])
+        self.scheduler.load_state_dict(parts["scheduler"])
+        states = self.plugin_states()
+        for key, obj in states.items():
+            if key not in parts["plugins"]:
+                raise TrainingError(f"checkpoint {info.path} has no state for plugin key '{key}'")
+            obj.load_state_dict(parts["plugins"][key])
+        rng = parts["trainer"]["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        random.setstate(rng["python"])
+        np.random.set_state(("MT19937", rng["numpy"]["keys"].numpy().astype(np.uint32), *rng["numpy"]["rest"]))
+        self.step = int(parts["trainer"]["step"])
+        truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+        logger.info("resumed from %s at step %d", info.path, self.step)
+
+    # ------------------------------------------------------------------ robustness
+
+    def _track(self, fn: Any, *args: Any) -> None:
+        """A tracker failure is counted and logged; it never stops training."""
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001 - any tracker error must not kill a run
+            self.tracker_failures += 1
+            logger.exception("tracker call %s failed (%d so far)", getattr(fn, "__name__", fn), self.tracker_failures)
+
+    @contextmanager
+    def _graceful_stop(self) -> Iterator[None]:
+        """SIGTERM / first Ctrl-C: finish the current step, checkpoint, exit cleanly."""
+
+        def request_stop(signum: int, frame: FrameType | None) -> None:
+            if self.stop_requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+            logger.warning("signal %d received: stopping after this step (Ctrl-C again to abort)", signum)
+
+        try:
+            previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        except ValueError:  # not in the main thread (e.g. called from a test thread)
+            previous = {}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -1,0 +1,136 @@
+"""`prx-run` as a subprocess on tiny recipes: a full run, exact resume in a new process, checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prx_core.testing.fixtures import write_recipe
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def prx_run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "prx_core.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"prx-run {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {json.loads(line)["step"]: json.loads(line)["loss"] for line in lines}
+
+
+def test_full_run_leaves_a_complete_run_directory(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, {"train": {"steps": 3, "sample_every": 2, "checkpoint_every": 2}})
+    result = prx_run(str(recipe), "--run-dir", "run", cwd=tmp_path)
+    run = tmp_path / "run"
+    assert "finished step 3" in result.stdout
+    resolved = (run / "recipe.toml").read_text()
+    assert 'use = "minilm"' in resolved and "steps = 3" in resolved
+    info = json.loads((run / "run.json").read_text())
+    assert info["plugins"]["minilm"] == "0.1.0" and "flow_matching" in info["plugins"]
+    assert info["environment"]["torch"] == torch.__version__
+    assert sorted(losses(run)) == [1, 2, 3]
+    assert (run / "samples" / "step_00000002.png").exists() and (run / "samples" / "step_00000003.png").exists()
+    assert [p.name for p in sorted((run / "checkpoints").glob("step_*"))] == [
+        "step_00000002",
+        "step_00000003",
+    ]
+    assert (run / "train.log").read_text().count("saved checkpoint") == 2
+    from diffusers import PRXTransformer2DModel
+
+    exported = PRXTransformer2DModel.from_pretrained(run / "final" / "transformer")
+    assert exported.config.hidden_size == 32
+    # The resolved recipe is itself a runnable recipe.
+    check = prx_run("check", str(run / "recipe.toml"), cwd=tmp_path)
+    assert "1 ok, 0 failed" in check.stdout
+
+
+def test_resume_in_a_new_process_is_bitwise_identical(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, {"train": {"steps": 4, "checkpoint_every": 2}})
+    prx_run(str(recipe), "--run-dir", "straight", cwd=tmp_path)
+    prx_run(str(recipe), "--run-dir", "resumed", "--set", "train.steps=2", cwd=tmp_path)
+    prx_run(str(recipe), "--run-dir", "resumed", "--resume", "auto", cwd=tmp_path)
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+    straight = load_file(tmp_path / "straight" / "checkpoints" / "step_00000004" / "trainable.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "checkpoints" / "step_00000004" / "trainable.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    optim_a = load_file(tmp_path / "straight" / "checkpoints" / "step_00000004" / "optimizer.safetensors")
+    optim_b = load_file(tmp_path / "resumed" / "checkpoints" / "step_00000004" / "optimizer.safetensors")
+    assert all(torch.equal(optim_a[k], optim_b[k]) for k in optim_a)
+
+
+def test_existing_run_is_not_overwritten_and_drift_is_refused(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, {"train": {"steps": 2, "checkpoint_every": 1}})
+    prx_run(str(recipe), "--run-dir", "run", cwd=tmp_path)
+    again = prx_run(str(recipe), "--run-dir", "run", cwd=tmp_path, check=False)
+    assert again.returncode == 1 and "--resume auto" in again.stderr
+    drift = prx_run(
+        str(recipe),
+        "--run-dir",
+        "run",
+        "--resume",
+        "auto",
+        "--set",
+        "optimizer.lr=0.5",
+        "--set",
+        "train.steps=3",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert drift.returncode == 1 and "optimizer.lr" in drift.stderr and "--allow-drift" in drift.stderr
+    accepted = prx_run(
+        str(recipe),
+        "--run-dir",
+        "run",
+        "--resume",
+        "auto",
+        "--set",
+        "optimizer.lr=0.5",
+        "--set",
+        "train.steps=3",
+        "--allow-drift",
+        cwd=tmp_path,
+    )
+    assert "finished step 3" in accepted.stdout
+
+
+def test_bad_recipe_is_rejected_before_anything_runs(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, {"train": {"stepz": 3}})
+    result = prx_run(str(recipe), cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert "'train.stepz'" in result.stderr and "did you mean 'steps'" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_check_command_validates_every_shipped_recipe() -> None:
+    result = prx_run("check", "recipes", cwd=ROOT)
+    assert " 0 failed" in result.stdout
+
+
+def test_check_command_reports_failures(tmp_path: Path) -> None:
+    good = write_recipe(tmp_path, name="good.toml")
+    bad = write_recipe(tmp_path, {"model": {"in_channels": 16}}, name="bad.toml")
+    result = prx_run("check", str(good), str(bad), cwd=tmp_path, check=False)
+    assert result.returncode == 1
+    assert "ok   " in result.stdout and "1 ok, 1 failed" in result.stdout
+    assert "FAIL" in result.stderr and "in_channels" in result.stderr
