@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ if TYPE_CHECKING:
     from prx_core.denoiser import TrainableModules
     from prx_core.recipe import Recipe
     from prx_core.slots import (
+        ConditioningSeam,
         DataSource,
         LatentSpace,
         Objective,
@@ -48,6 +50,7 @@ class RunContext:
     tracker: Tracker | None = None
     trainable: TrainableModules | None = None
     captures: set[int] = field(default_factory=set)
+    conditioning: dict[str, ConditioningSeam] = field(default_factory=dict)
 
     def plugin_config(self, name: str) -> Any:
         """The validated ``[plugins.<name>]`` config of an enabled plugin."""
@@ -63,6 +66,15 @@ class RunContext:
             raise ValueError(f"cannot capture block {index}: the model has blocks 0..{depth - 1}")
         self.captures.add(index)
 
+    def add_conditioning(self, name: str, seam: ConditioningSeam) -> None:
+        """Register a conditioning seam (runs before the blocks; seams apply in name order)."""
+        if name in self.conditioning:
+            raise ValueError(f"a conditioning seam named '{name}' is already registered")
+        self.conditioning[name] = seam
+
+    def conditioning_seams(self) -> list[ConditioningSeam]:
+        return [self.conditioning[name] for name in sorted(self.conditioning)]
+
     def require(self, what: str) -> Any:
         """A built slot object, with a clear error when it is asked for too early."""
         value = getattr(self, what)
@@ -73,11 +85,18 @@ class RunContext:
 
 @dataclass
 class ForwardContext:
-    """Per-forward state for block-loop seams (routers, capture)."""
+    """Per-forward state for block-loop seams (routers, conditioning, capture).
+
+    ``extras`` are the plugin modules *of the weights being run*: the trained ones in a training
+    step, the EMA copy when sampling with EMA. Seams must take their modules from here, never
+    from ``run.trainable``, so that sampling with EMA weights uses EMA plugin modules too
+    (the reference got this wrong for SPRINT and resolution-aware, SPEC §7.8).
+    """
 
     stash: Stash
     generator: torch.Generator | None
     training: bool
+    extras: Mapping[str, torch.nn.Module] | torch.nn.ModuleDict = field(default_factory=dict)
 
 
 @dataclass

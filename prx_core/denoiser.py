@@ -8,7 +8,7 @@ nothing is routed, so trained weights still load in ``PRXPipeline``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from prx_core.context import ForwardContext
 from prx_core.keys import CAPTURED_FEATURES
 from prx_core.recipe import ModelConfig
-from prx_core.slots import TokenRouter
+from prx_core.slots import ConditioningSeam, TokenRouter
 
 
 class TrainableModules(torch.nn.Module):
@@ -62,6 +62,7 @@ def denoise(
     ctx: ForwardContext,
     router: TokenRouter | None = None,
     captures: frozenset[int] | set[int] = frozenset(),
+    conditioning: Sequence[ConditioningSeam] = (),
     activation_checkpointing: bool = False,
 ) -> torch.Tensor:
     """``model.forward`` replayed from submodules, with seams at block boundaries.
@@ -69,6 +70,7 @@ def denoise(
     * ``router.enter`` runs before block ``router.start`` and may shrink the image sequence (with
       matching RoPE rows); ``router.exit`` runs after block ``router.end`` and restores it.
     * Blocks listed in ``captures`` publish their output tokens in ``ctx.stash[CAPTURED_FEATURES]``.
+    * ``conditioning`` seams may change text tokens, mask and time vector before the blocks.
     """
     txt_BTH = model.txt_in(text_BLD)
     img_BLH = model.img_in(img2seq(x_t_BCHW, model.patch_size))
@@ -80,6 +82,9 @@ def denoise(
         h_B = torch.full((batch,), height, device=x_t_BCHW.device, dtype=torch.float32)
         w_B = torch.full((batch,), width, device=x_t_BCHW.device, dtype=torch.float32)
         vec_BH = vec_BH + model.resolution_embedder(h_B, w_B, dtype=vec_BH.dtype)
+
+    for seam in conditioning:
+        txt_BTH, mask_BL, vec_BH = seam.condition(txt_BTH, mask_BL, vec_BH, x_t_BCHW, ctx)
 
     rope = rope_full
     routed = False

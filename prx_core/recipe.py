@@ -82,6 +82,8 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Recompute block activations in the backward pass (less memory, ~30% more compute).
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "log_every", "checkpoint_every"):
@@ -314,7 +316,9 @@ def validate(raw: RawRecipe) -> Recipe:
     if not isinstance(description, str):
         raise RecipeError(f"{raw.where('description')}: 'description' must be a string")
 
-    sections: dict[str, Any] = {s: bind(cls, _table(raw, s), prefix=s, where=raw.where) for s, cls in CORE_SECTIONS.items()}
+    sections: dict[str, Any] = {
+        s: bind(cls, _table(raw, s), prefix=s, where=raw.where) for s, cls in CORE_SECTIONS.items()
+    }
 
     choices: dict[str, str] = {}
     for slot in RECIPE_SLOTS:

@@ -100,6 +100,24 @@ class TokenRouter(Protocol):
     def exit(self, img_BKH: torch.Tensor, ctx: ForwardContext) -> torch.Tensor: ...
 
 
+class ConditioningSeam(Protocol):
+    """Changes the conditioning before the first block (e.g. resolution-aware tokens or vectors).
+
+    Receives the projected text tokens, their mask (True = attend), the time vector and the noisy
+    input (for its shape), and returns the three, possibly with extra text tokens. Plugin
+    modules come from ``ctx.extras``.
+    """
+
+    def condition(
+        self,
+        txt_BTH: torch.Tensor,
+        mask_BT: torch.Tensor | None,
+        vec_BH: torch.Tensor,
+        x_t_BCHW: torch.Tensor,
+        ctx: ForwardContext,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]: ...
+
+
 class PrecisionPolicy(Protocol):
     """The single authority on dtypes. Plugins ask it instead of naming a dtype."""
 

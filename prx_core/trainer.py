@@ -341,10 +341,11 @@ class Trainer:
             generator=generator,
         )
         route_generator = generator_for(recipe.seed, "route", step, micro, run.rank)
-        forward = ForwardContext(stash=stash, generator=route_generator, training=True)
+        trainable = run.require("trainable")
+        forward = ForwardContext(stash=stash, generator=route_generator, training=True, extras=trainable.extras)
         with precision.autocast(run.device):
             prediction = denoise(
-                run.require("trainable").model,
+                trainable.model,
                 x_t_BCHW,
                 t_B,
                 text_BLD,
@@ -352,7 +353,8 @@ class Trainer:
                 forward,
                 router=run.router,
                 captures=run.captures,
-                activation_checkpointing=False,
+                conditioning=run.conditioning_seams(),
+                activation_checkpointing=recipe.train.activation_checkpointing,
             )
             ctx.prediction_BCHW = prediction
             loss = objective.loss(ctx, prediction).mean()
@@ -403,12 +405,13 @@ class Trainer:
         states, mask = run.require("text_encoder").encode(prompts)
         cond = (states.to(noise_BCHW.dtype), mask)
         uncond = (self.empty_prompt[0].to(noise_BCHW.dtype), self.empty_prompt[1])
-        ctx = ForwardContext(stash=Stash(), generator=None, training=False)
+        ctx = ForwardContext(stash=Stash(), generator=None, training=False, extras=modules.extras)
+        seams = run.conditioning_seams()
 
         def velocity(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
             ctx.stash.clear()
             with run.require("precision").autocast(run.device):
-                out = denoise(modules.model, x, t, s, m, ctx, router=run.router)
+                out = denoise(modules.model, x, t, s, m, ctx, router=run.router, conditioning=seams)
             return objective.velocity(out.float(), x, t)
 
         x0 = euler_sample(velocity, noise_BCHW, cond, uncond, steps, cfg, objective.shift, self.guidance())

@@ -135,3 +135,32 @@ def test_router_seam_runs_routed_blocks_on_visible_tokens_only() -> None:
     assert seen == [8]  # 16 tokens, half visible
     assert ctx.stash[CAPTURED_FEATURES][1].shape[1] == 8
     assert not torch.equal(routed, plain)
+
+
+class _AppendMaskedTokens:
+    """A conditioning seam that appends two text tokens which the mask hides."""
+
+    def condition(self, txt_BTH, mask_BT, vec_BH, x_t_BCHW, ctx):
+        extra = torch.full((txt_BTH.shape[0], 2, txt_BTH.shape[2]), 5.0)
+        hidden = torch.zeros(txt_BTH.shape[0], 2, dtype=torch.bool)
+        return torch.cat([txt_BTH, extra], 1), torch.cat([mask_BT, hidden], 1), vec_BH
+
+
+class _ShiftVec:
+    def condition(self, txt_BTH, mask_BT, vec_BH, x_t_BCHW, ctx):
+        return txt_BTH, mask_BT, vec_BH + ctx.extras["shift"].weight.sum()
+
+
+def test_conditioning_seams_change_text_and_time_vector() -> None:
+    model = build_model(TINY, context_in_dim=12, dtype=torch.float32)
+    _randomise(model)
+    x, t, text, mask = _inputs()
+    with torch.no_grad():
+        plain = denoise(model, x, t, text, mask, _ctx())
+        masked = denoise(model, x, t, text, mask, _ctx(), conditioning=[_AppendMaskedTokens()])
+        shift = torch.nn.Linear(1, 1, bias=False)
+        ctx = ForwardContext(stash=Stash(), generator=None, training=False, extras={"shift": shift})
+        shifted = denoise(model, x, t, text, mask, ctx, conditioning=[_ShiftVec()])
+    # Masked-out tokens change nothing (up to summation order inside attention).
+    assert torch.allclose(masked, plain, atol=1e-6)
+    assert not torch.allclose(shifted, plain, atol=1e-3)
