@@ -41,6 +41,7 @@ class Bf16Mixed:
 
     name = "bf16_mixed"
     param_dtype = torch.float32
+    state_dtype = torch.float32
 
     def __init__(self, device: torch.device, autocast_cpu: bool = True) -> None:
         self.device = device
@@ -64,6 +65,7 @@ class Fp32:
     name = "fp32"
     param_dtype = torch.float32
     frozen_dtype = torch.float32
+    state_dtype = torch.float32
 
     def autocast(self, device: torch.device) -> AbstractContextManager[Any]:
         return contextlib.nullcontext()

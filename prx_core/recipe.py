@@ -99,14 +99,18 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Learning-rate schedule: linear warm-up then constant (the PRX baseline, SPEC §3)."""
+    """Learning-rate multiplier: linear warm-up, then constant (the PRX baseline, SPEC §3) or a decay."""
 
     warmup_steps: int = 1000
-    kind: Literal["constant"] = "constant"
+    kind: Literal["constant", "cosine", "linear"] = "constant"
+    #: Final multiplier of the decaying schedules, as a fraction of the peak learning rate.
+    min_lr_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if self.warmup_steps < 0:
             raise ValueError("warmup_steps must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError("min_lr_ratio must be in [0, 1]")
 
 
 @dataclass(frozen=True)

@@ -122,8 +122,12 @@ class PrecisionPolicy(Protocol):
     """The single authority on dtypes. Plugins ask it instead of naming a dtype."""
 
     name: str
+    #: Trainable weights (and their gradients).
     param_dtype: torch.dtype
+    #: Frozen towers: text encoder, autoencoder, teachers.
     frozen_dtype: torch.dtype
+    #: Long-lived accumulators: optimizer state and EMA weights (fp32 in every shipped policy).
+    state_dtype: torch.dtype
 
     def autocast(self, device: torch.device) -> AbstractContextManager[Any]: ...
 

@@ -35,6 +35,7 @@ from prx_core.keys import Stash
 from prx_core.recipe import Recipe
 from prx_core.rundir import METRICS_FILE, truncate_metrics, write_atomic, write_run_files
 from prx_core.sampling import euler_sample
+from prx_core.schedules import lr_multiplier
 from prx_core.seeding import generator_for
 from prx_core.slots import BatchRequest, Guidance
 from prx_core.text_cache import CachedTextEncoder
@@ -161,11 +162,13 @@ class Trainer:
                 if name in extras:
                     raise TrainingError(f"two plugins build an extra module named '{name}'")
                 extras[name] = module
-        run.trainable = TrainableModules(model, extras).to(device=device, dtype=run.precision.param_dtype)
+        # Device only: dtypes are the policy's business, and the guard below must see any deviation.
+        run.trainable = TrainableModules(model, extras).to(device=device)
         self.optimizer = self._build_slot("optimizer")
-        warmup = recipe.schedule.warmup_steps
+        schedule = recipe.schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0
+            self.optimizer,
+            lambda s: lr_multiplier(s, schedule.warmup_steps, recipe.train.steps, schedule.kind, schedule.min_lr_ratio),
         )
         self.micro_batch, self.accumulation = batch_layout(
             recipe.train.global_batch, recipe.train.micro_batch, run.world_size
@@ -247,6 +250,7 @@ class Trainer:
                         "loss": loss_sum.item() / window_steps,
                         "grad_norm": grad_norm.item(),
                         "lr": float(self.scheduler.get_last_lr()[0]),
+                        **self._group_learning_rates(),
                         "steps_per_s": window_steps / elapsed,
                         "images_per_s": window_steps * train.global_batch / elapsed,
                         **{f"loss/{k}": v.item() / window_steps for k, v in sorted(term_sums.items())},
@@ -274,6 +278,10 @@ class Trainer:
         if self.tracker_failures:
             logger.warning("the tracker failed %d time(s); metrics.jsonl has the full record", self.tracker_failures)
         return FitResult(self.step, last_loss, self.run_dir, self.step < train.steps)
+
+    def _group_learning_rates(self) -> dict[str, float]:
+        """``lr/<group>`` per optimizer parameter group (groups may carry a ``name``)."""
+        return {f"lr/{group.get('name', i)}": float(group["lr"]) for i, group in enumerate(self.optimizer.param_groups)}
 
     def train_step(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """One optimizer step over ``accumulation`` micro-batches. Returns detached tensors (no host sync)."""

@@ -41,7 +41,7 @@ def _build(config: AdamWConfig, run: Any) -> Any:
     params = [p for p in run.require("trainable").parameters() if p.requires_grad]
     fused = config.fused if config.fused is not None else run.device.type == "cuda"
     return torch.optim.AdamW(
-        params,
+        [{"params": params, "name": "all"}],
         lr=config.lr,
         betas=config.betas,
         eps=config.eps,

@@ -12,8 +12,10 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported lazily: recipe checks validate weights without it
+    import torch
 
 
 def validate_caption_weights(weights: Mapping[str, float], available: Iterable[str] | None = None) -> dict[str, float]:
@@ -63,6 +65,8 @@ def pick_caption_keys(weights: Mapping[str, float], n: int, generator: torch.Gen
     draws from the same generator state whatever their insertion order. Zero-weight keys
     are never chosen. The draw runs on the generator's device, consuming only its state.
     """
+    import torch
+
     if isinstance(n, bool) or not isinstance(n, int):
         raise ValueError(f"n must be an int, got {n!r}")
     if n < 0:

@@ -134,3 +134,64 @@ def test_check_command_reports_failures(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "ok   " in result.stdout and "1 ok, 1 failed" in result.stdout
     assert "FAIL" in result.stderr and "in_channels" in result.stderr
+
+
+def test_sigterm_saves_at_a_step_boundary_and_resume_continues(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    recipe = write_recipe(tmp_path, {"train": {"steps": 100_000, "checkpoint_every": 100_000}})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prx_core.cli", str(recipe), "--run-dir", "run"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stopped early at step" in stdout
+    saved = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert len(saved) == 1
+    stopped_at = int(saved[0].name.split("_")[1])
+    assert stopped_at >= 3
+    result = prx_run(
+        str(recipe), "--run-dir", "run", "--resume", "auto", "--set", f"train.steps={stopped_at + 2}", cwd=tmp_path
+    )
+    assert f"finished step {stopped_at + 2}" in result.stdout
+    assert sorted(losses(tmp_path / "run")) == list(range(1, stopped_at + 3))
+
+
+def test_check_and_plugins_do_not_import_torch() -> None:
+    code = (
+        "import sys; from prx_core.cli import main; rc = main(['check', 'recipes']); "
+        "print('TORCH', 'torch' in sys.modules); sys.exit(rc)"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "TORCH False" in out.stdout
+
+
+def test_shipped_quickstart_recipe_runs_a_few_steps(tmp_path: Path) -> None:
+    result = prx_run(
+        str(ROOT / "recipes" / "quickstart.toml"),
+        "--run-dir",
+        "qs",
+        "--set",
+        "train.steps=3",
+        "--set",
+        "sampling.steps=2",
+        "--set",
+        "sampling.num_prompts=4",
+        cwd=tmp_path,
+    )
+    assert "finished step 3" in result.stdout
+    assert (tmp_path / "qs" / "samples" / "step_00000003.png").exists()
