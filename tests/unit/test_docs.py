@@ -1,0 +1,110 @@
+"""Every code block in the docs runs here: TOML blocks validate as recipes, Python blocks execute,
+shell blocks name scripts, recipes and prx-run commands that exist."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+
+from prx_core.recipe import load
+from prx_core.testing.fixtures import write_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted(ROOT.glob("plugins/*/README.md"))]
+BLOCK = re.compile(r"```(\w+)\n(.*?)```", re.DOTALL)
+
+
+def blocks(kind: str) -> list[tuple[str, str]]:
+    found = []
+    for doc in DOCS:
+        for i, (lang, body) in enumerate(BLOCK.findall(doc.read_text(encoding="utf-8"))):
+            if lang == kind:
+                found.append((f"{doc.relative_to(ROOT)}#{i}", body))
+    return found
+
+
+def test_docs_have_code_blocks() -> None:
+    assert blocks("toml") and blocks("bash") and blocks("python")
+
+
+@pytest.mark.parametrize(("where", "body"), blocks("toml"), ids=[w for w, _ in blocks("toml")])
+def test_toml_blocks_are_valid_recipes(where: str, body: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tomllib
+
+    data = tomllib.loads(body)
+    if "extends" in data:
+        # A complete child recipe: resolve its parent among the shipped recipes.
+        shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
+        path = tmp_path / "recipes" / "doc_example.toml"
+        path.write_text(body, encoding="utf-8")
+    else:
+        # A fragment: it must validate when merged into the tiny recipe.
+        path = write_recipe(tmp_path, data)
+    if "prediction_l2" in data.get("plugins", {}):
+        _install_contributing_example(tmp_path / "site", monkeypatch)
+        assert "prediction_l2" in load(path).plugins
+        return
+    load(path)
+
+
+def _install_contributing_example(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make CONTRIBUTING's example plugin an installed distribution, from its own code block."""
+    import sys
+    import types
+
+    code = next(body for where, body in blocks("python") if "prediction_l2" in body and "INFO" in body)
+    module = types.ModuleType("prx_doc_example")
+    monkeypatch.setitem(sys.modules, "prx_doc_example", module)
+    exec(compile(code, "CONTRIBUTING.md", "exec"), module.__dict__)  # noqa: S102 - our own documentation
+    dist = site / "prx_doc_example-0.0.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: prx-doc-example\nVersion: 0.0.0\n")
+    (dist / "entry_points.txt").write_text("[prx]\nprediction_l2 = prx_doc_example\n")
+    monkeypatch.syspath_prepend(str(site))
+
+
+@pytest.mark.parametrize(("where", "body"), blocks("python"), ids=[w for w, _ in blocks("python")])
+def test_python_blocks_execute(where: str, body: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    module = types.ModuleType("doc_example")  # dataclasses need the module registered
+    monkeypatch.setitem(sys.modules, "doc_example", module)
+    exec(compile(body, where, "exec"), module.__dict__)  # noqa: S102 - our own documentation
+
+
+def _commands(body: str) -> list[list[str]]:
+    out = []
+    for line in body.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            out.append(shlex.split(line))
+    return out
+
+
+@pytest.mark.parametrize(("where", "body"), blocks("bash"), ids=[w for w, _ in blocks("bash")])
+def test_shell_blocks_name_things_that_exist(where: str, body: str) -> None:
+    from prx_core.cli import _check_parser, _train_parser
+
+    for words in _commands(body):
+        if words[0] == "bash":
+            assert (ROOT / words[1]).is_file(), f"{where}: {words[1]} does not exist"
+        elif words[0] == "prx-run":
+            if words[1] == "plugins":
+                continue
+            if words[1] == "check":
+                args = _check_parser().parse_args(words[2:])
+                assert all((ROOT / p).exists() for p in args.paths), f"{where}: {args.paths}"
+            else:
+                args = _train_parser().parse_args(words[1:])
+                assert (ROOT / args.recipe).is_file(), f"{where}: {args.recipe}"
+                load(ROOT / args.recipe, args.overrides)
+        elif words[0] in ("pip", "source", "export"):
+            if words[0] == "pip" and "-e" in words:
+                assert (ROOT / words[words.index("-e") + 1]).is_dir()
+        else:
+            raise AssertionError(f"{where}: unexpected command {words[0]!r}; teach this test about it")
