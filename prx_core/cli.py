@@ -129,6 +129,8 @@ def cmd_train(argv: list[str]) -> int:
 
     from prx_core.trainer import Trainer, TrainingError
 
+    from prx_core.distributed import shutdown
+
     run_dir = args.run_dir or Path("runs") / recipe.name
     trainer = Trainer(recipe, run_dir, resume=args.resume, allow_drift=args.allow_drift, command=sys.argv)
     started = time.perf_counter()
@@ -138,6 +140,10 @@ def cmd_train(argv: list[str]) -> int:
     except (TrainingError, RecipeError) as err:
         print(f"prx-run: {err}", file=sys.stderr)
         return 1
+    finally:
+        shutdown()
+    if not trainer.dist.is_main:
+        return 0
     minutes = (time.perf_counter() - started) / 60
     state = "stopped early at" if result.stopped_early else "finished"
     print(f"\n{recipe.name}: {state} step {result.step} in {minutes:.1f} min, final loss {result.final_loss:.4f}")

@@ -84,6 +84,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: Recompute block activations in the backward pass (less memory, ~30% more compute).
     activation_checkpointing: bool = False
+    #: Data parallelism when launched on several processes (torchrun / accelerate launch).
+    parallel: Literal["ddp", "fsdp2"] = "ddp"
+    #: Non-finite loss or gradient: "halt" stops before the optimizer step; "skip" drops the step.
+    nonfinite: Literal["halt", "skip"] = "halt"
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "log_every", "checkpoint_every"):

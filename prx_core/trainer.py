@@ -28,6 +28,19 @@ from prx_core.checkpoint import CheckpointInfo, CheckpointManager, resolve_check
 from prx_core.config import RecipeError
 from prx_core.context import ForwardContext, RunContext, StepContext
 from prx_core.denoiser import TrainableModules, build_model, denoise, export_diffusers
+from prx_core.distributed import (
+    DenoiserForward,
+    any_rank,
+    barrier,
+    full_state,
+    gradient_sync,
+    init_from_env,
+    is_sharded,
+    load_full_state,
+    mean_across_ranks,
+    total_grad_norm,
+    wrap,
+)
 from prx_core.flow import interpolate
 from prx_core.hookspecs import LossTerm
 from prx_core.images import save_grid
@@ -107,6 +120,32 @@ def _numpy_rng_state() -> dict[str, Any]:
     }
 
 
+class SpikeDetector:
+    """Flags a logged loss far above the running mean of earlier logged losses."""
+
+    def __init__(self, factor: float = 3.0, decay: float = 0.9, warmup: int = 5) -> None:
+        self.factor, self.decay, self.warmup = factor, decay, warmup
+        self.mean = math.nan
+        self.previous_mean = math.nan
+        self.seen = 0
+        self.count = 0
+
+    def update(self, loss: float) -> bool:
+        self.previous_mean = self.mean
+        spike = self.seen >= self.warmup and loss > self.factor * self.mean
+        self.count += int(spike)
+        if not spike:  # a spike must not raise the bar for the next one
+            self.mean = loss if self.seen == 0 else self.decay * self.mean + (1 - self.decay) * loss
+            self.seen += 1
+        return spike
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "seen": self.seen, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mean, self.seen, self.count = float(state["mean"]), int(state["seen"]), int(state["count"])
+
+
 class Trainer:
     def __init__(
         self,
@@ -123,24 +162,29 @@ class Trainer:
         self.command = command or []
         self.stop_requested = False
         self.tracker_failures = 0
+        self.nonfinite_skipped = 0
+        self.spikes = SpikeDetector()
         self.step = 0
 
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
         recipe = self.recipe
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise TrainingError(
-                "multi-process launch detected (WORLD_SIZE > 1), but this prx build trains on a single "
-                "process only; run without torchrun/accelerate launch"
-            )
+        wanted = resolve_device(recipe.train.device)
+        self.dist = init_from_env(wanted.type)
+        device = torch.device("cuda", self.dist.local_rank) if wanted.type == "cuda" else wanted
+        if not self.dist.is_main:
+            logging.getLogger("prx").setLevel(logging.WARNING)  # one rank speaks
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=recipe.train.keep_checkpoints)
         start_from = self._checkpoint_to_resume()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._attach_log_file()
+        barrier(self.dist)  # every rank decided before rank 0 writes into the run directory
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._attach_log_file()
 
-        device = resolve_device(recipe.train.device)
-        run = RunContext(recipe=recipe, device=device, run_dir=self.run_dir)
+        run = RunContext(
+            recipe=recipe, device=device, run_dir=self.run_dir, rank=self.dist.rank, world_size=self.dist.world_size
+        )
         self.run = run
         self.pm = recipe.active.manager
         # Precision first: every other builder asks it for dtypes.
@@ -164,6 +208,9 @@ class Trainer:
                 extras[name] = module
         # Device only: dtypes are the policy's business, and the guard below must see any deviation.
         run.trainable = TrainableModules(model, extras).to(device=device)
+        # The optimizer is built after sharding, so FSDP2 hands it the sharded parameters.
+        self.forward_module = DenoiserForward(run.trainable, self._forward)
+        self.wrapped = wrap(self.forward_module, self.dist, recipe.train.parallel, device)
         self.optimizer = self._build_slot("optimizer")
         schedule = recipe.schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -176,13 +223,13 @@ class Trainer:
         self.empty_prompt = run.text_encoder.empty()
         if start_from is not None:
             self._load(start_from)
-        else:
+        elif self.dist.is_main:
             write_run_files(self.run_dir, recipe, self.command)
         run.precision.check(run.trainable, self.optimizer, "after resume" if start_from else "at start")
         n_params = sum(p.numel() for p in run.trainable.parameters())
         logger.info(
-            "run '%s' on %s: %.2fM trainable parameters, global batch %d = %d × %d accumulation × %d process(es), "
-            "precision %s, plugins %s",
+            "run '%s' on %s: %.2fM trainable parameters, global batch %d = %d × %d accumulation × %d process(es) "
+            "(%s), precision %s, plugins %s",
             recipe.name,
             device,
             n_params / 1e6,
@@ -190,6 +237,7 @@ class Trainer:
             self.micro_batch,
             self.accumulation,
             run.world_size,
+            recipe.train.parallel if run.world_size > 1 else "single process",
             run.precision.name,
             ", ".join(f"{k} {v}" for k, v in recipe.active.versions_table().items()),
         )
@@ -227,17 +275,22 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> FitResult:
-        recipe, run = self.recipe, self.run
+        recipe, run, main = self.recipe, self.run, self.dist.is_main
         train = recipe.train
         tracker = run.require("tracker")
-        self._track(tracker.start, recipe.resolved(), train.steps, self.step)
-        metrics_path = self.run_dir / METRICS_FILE
+        if main:
+            hparams = {**recipe.resolved(), "precision_warning": getattr(run.precision, "warning", None) or ""}
+            self._track(tracker.start, hparams, train.steps, self.step)
         loss_sum = torch.zeros((), device=run.device)
         term_sums: dict[str, torch.Tensor] = {}
         window_steps, window_start = 0, time.perf_counter()
         last_loss = math.nan
-        with self._graceful_stop(), metrics_path.open("a", encoding="utf-8") as metrics_file:
-            while self.step < train.steps and not self.stop_requested:
+        with self._graceful_stop(), self._metrics_file() as metrics_file:
+            while self.step < train.steps:
+                # All ranks agree before anyone stops: a signal may have reached only one of them.
+                if any_rank(self.dist, self.stop_requested):
+                    self.stop_requested = True
+                    break
                 loss, terms, grad_norm = self.train_step(self.step)
                 self.step += 1
                 loss_sum += loss
@@ -247,20 +300,33 @@ class Trainer:
                 if self.step % train.log_every == 0 or self.step == train.steps:
                     elapsed = time.perf_counter() - window_start
                     metrics: dict[str, float] = {
-                        "loss": loss_sum.item() / window_steps,
+                        "loss": mean_across_ranks(self.dist, loss_sum).item() / window_steps,
                         "grad_norm": grad_norm.item(),
                         "lr": float(self.scheduler.get_last_lr()[0]),
                         **self._group_learning_rates(),
                         "steps_per_s": window_steps / elapsed,
                         "images_per_s": window_steps * train.global_batch / elapsed,
-                        **{f"loss/{k}": v.item() / window_steps for k, v in sorted(term_sums.items())},
+                        **{
+                            f"loss/{k}": mean_across_ranks(self.dist, v).item() / window_steps
+                            for k, v in sorted(term_sums.items())
+                        },
+                        "nonfinite_skipped": float(self.nonfinite_skipped),
+                        "loss_spikes": float(self.spikes.count),
                     }
-                    if not math.isfinite(metrics["loss"]):
-                        raise TrainingError(f"loss is {metrics['loss']} at step {self.step}; stopping")
+                    if self.spikes.update(metrics["loss"]):
+                        metrics["loss_spikes"] = float(self.spikes.count)
+                        logger.warning(
+                            "loss spike at step %d: %.4g is %.1f× the running mean %.4g",
+                            self.step,
+                            metrics["loss"],
+                            metrics["loss"] / self.spikes.previous_mean,
+                            self.spikes.previous_mean,
+                        )
                     last_loss = metrics["loss"]
-                    metrics_file.write(json.dumps({"step": self.step, "time": time.time(), **metrics}) + "\n")
-                    metrics_file.flush()
-                    self._track(tracker.log_metrics, metrics, self.step)
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps({"step": self.step, "time": time.time(), **metrics}) + "\n")
+                        metrics_file.flush()
+                        self._track(tracker.log_metrics, metrics, self.step)
                     loss_sum.zero_()
                     term_sums.clear()
                     window_steps, window_start = 0, time.perf_counter()
@@ -270,21 +336,36 @@ class Trainer:
                     self.save()
             if self.stop_requested and self.step < train.steps:
                 logger.warning("stop requested: saving step %d and exiting; resume with --resume auto", self.step)
-                self.save()
+                if not self.checkpoints.committed() or self.checkpoints.committed()[-1].step != self.step:
+                    self.save()
         if self.step >= train.steps:
             self.write_samples(self.step)
-            export_diffusers(run.require("trainable").model, self.run_dir / "final" / "transformer")
-        self._track(tracker.close)
+            self._export()
+        if main:
+            self._track(tracker.close)
         if self.tracker_failures:
             logger.warning("the tracker failed %d time(s); metrics.jsonl has the full record", self.tracker_failures)
         return FitResult(self.step, last_loss, self.run_dir, self.step < train.steps)
+
+    @contextmanager
+    def _metrics_file(self) -> Iterator[Any]:
+        """metrics.jsonl, appended line by line (rank 0 only; other ranks get None)."""
+        if not self.dist.is_main:
+            yield None
+            return
+        with (self.run_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
+            yield handle
 
     def _group_learning_rates(self) -> dict[str, float]:
         """``lr/<group>`` per optimizer parameter group (groups may carry a ``name``)."""
         return {f"lr/{group.get('name', i)}": float(group["lr"]) for i, group in enumerate(self.optimizer.param_groups)}
 
     def train_step(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        """One optimizer step over ``accumulation`` micro-batches. Returns detached tensors (no host sync)."""
+        """One optimizer step over ``accumulation`` micro-batches. Returns detached tensors.
+
+        The only host sync is the finiteness check of the gradient norm, which must decide
+        before the optimizer touches the weights.
+        """
         run = self.run
         trainable = run.require("trainable")
         trainable.train()
@@ -292,18 +373,62 @@ class Trainer:
         loss_total = torch.zeros((), device=run.device)
         term_totals: dict[str, torch.Tensor] = {}
         for micro in range(self.accumulation):
-            loss, terms = self.micro_step(step, micro)
-            (loss / self.accumulation).backward()
+            with gradient_sync(self.wrapped, enabled=micro == self.accumulation - 1):
+                loss, terms = self.micro_step(step, micro)
+                (loss / self.accumulation).backward()
             loss_total += loss.detach() / self.accumulation
             for name, value in terms.items():
                 term_totals[name] = term_totals.get(name, torch.zeros_like(loss_total)) + value / self.accumulation
         params = [p for p in trainable.parameters() if p.grad is not None]
+        grad_norm = total_grad_norm(params)
+        if not bool(torch.isfinite(grad_norm) & torch.isfinite(loss_total)):
+            self._nonfinite(step, loss_total, grad_norm)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()  # the schedule follows the step count, skipped or not
+            return loss_total.nan_to_num(0.0), term_totals, grad_norm.nan_to_num(0.0)
         clip = self.recipe.train.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        if clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.pm.hook.prx_after_optimizer_step(run=run, step=step + 1)
         return loss_total, term_totals, grad_norm.detach()
+
+    def _nonfinite(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        message = f"non-finite loss ({loss.item()}) or gradient norm ({grad_norm.item()}) at step {step + 1}"
+        if self.recipe.train.nonfinite == "halt":
+            raise TrainingError(
+                f"{message}; stopped before the optimizer step, weights untouched (set train.nonfinite = 'skip' "
+                "to skip such steps instead)"
+            )
+        self.nonfinite_skipped += 1
+        logger.warning(
+            "%s; skipped (%d so far): weights, optimizer state and EMA unchanged", message, self.nonfinite_skipped
+        )
+
+    def _forward(
+        self,
+        trainable: TrainableModules,
+        x_t_BCHW: torch.Tensor,
+        t_B: torch.Tensor,
+        text_BLD: torch.Tensor,
+        mask_BL: torch.Tensor,
+        ctx: ForwardContext,
+    ) -> torch.Tensor:
+        """The training forward (what DDP/FSDP wrap)."""
+        run = self.run
+        return denoise(
+            trainable.model,
+            x_t_BCHW,
+            t_B,
+            text_BLD,
+            mask_BL,
+            ctx,
+            router=run.router,
+            captures=run.captures,
+            conditioning=run.conditioning_seams(),
+            activation_checkpointing=self.recipe.train.activation_checkpointing,
+        )
 
     def micro_step(self, step: int, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         run, recipe = self.run, self.recipe
@@ -352,18 +477,7 @@ class Trainer:
         trainable = run.require("trainable")
         forward = ForwardContext(stash=stash, generator=route_generator, training=True, extras=trainable.extras)
         with precision.autocast(run.device):
-            prediction = denoise(
-                trainable.model,
-                x_t_BCHW,
-                t_B,
-                text_BLD,
-                mask_BL,
-                forward,
-                router=run.router,
-                captures=run.captures,
-                conditioning=run.conditioning_seams(),
-                activation_checkpointing=recipe.train.activation_checkpointing,
-            )
+            prediction = self.wrapped(x_t_BCHW, t_B, text_BLD, mask_BL, forward)
             ctx.prediction_BCHW = prediction
             loss = objective.loss(ctx, prediction).mean()
             terms = self._loss_terms(ctx)
@@ -416,21 +530,33 @@ class Trainer:
         ctx = ForwardContext(stash=Stash(), generator=None, training=False, extras=modules.extras)
         seams = run.conditioning_seams()
 
+        trained = modules is run.trainable
+
         def velocity(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
             ctx.stash.clear()
             with run.require("precision").autocast(run.device):
-                out = denoise(modules.model, x, t, s, m, ctx, router=run.router, conditioning=seams)
+                if trained:
+                    # Through the (unwrapped) forward module: FSDP2's root hooks gather the
+                    # embedders; DDP's wrapper is bypassed, since only rank 0 samples under DDP.
+                    out = self.forward_module(x, t, s, m, ctx)
+                else:
+                    out = denoise(modules.model, x, t, s, m, ctx, router=run.router, conditioning=seams)
             return objective.velocity(out.float(), x, t)
 
         x0 = euler_sample(velocity, noise_BCHW, cond, uncond, steps, cfg, objective.shift, self.guidance())
         modules.train(was_training)
         return latent.decode(x0).float().clamp(0, 1).cpu()
 
-    def write_samples(self, step: int) -> Path:
+    def write_samples(self, step: int) -> Path | None:
+        """A grid at the fixed prompts and seeds. Sharded weights need every rank in the forward."""
+        if not (self.dist.is_main or is_sharded(self.run.require("trainable"))):
+            return None
         sampling = self.recipe.sampling
         prompts = list(sampling.prompts) or self.run.require("data").held_out_captions(sampling.num_prompts)
         size = int(getattr(self.recipe.slot_config("data"), "size", 256))
         images = self.generate(prompts, sampling.steps, sampling.cfg, sampling.seed, size)
+        if not self.dist.is_main:
+            return None
         out_dir = self.run_dir / "samples"
         out_dir.mkdir(exist_ok=True)
         path = save_grid(images, out_dir / f"step_{step:08d}.png")
@@ -449,7 +575,12 @@ class Trainer:
                 states[key] = obj
         return states
 
-    def save(self) -> CheckpointInfo:
+    def save(self) -> CheckpointInfo | None:
+        """Full-state checkpoint, written by rank 0 (gathering sharded state is a collective)."""
+        model_state, optim_state = full_state(self.run.require("trainable"), self.optimizer)
+        if not self.dist.is_main:
+            barrier(self.dist)
+            return None
         rng = {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -457,19 +588,22 @@ class Trainer:
             "numpy": _numpy_rng_state(),
         }
         parts = {
-            "trainable": self.run.require("trainable").state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "trainable": model_state,
+            "optimizer": optim_state,
             "scheduler": self.scheduler.state_dict(),
             "trainer": {
                 "step": self.step,
                 "rng": rng,
                 "data_fingerprint": self.run.require("data").fingerprint,
+                "nonfinite_skipped": self.nonfinite_skipped,
+                "spikes": self.spikes.state_dict(),
             },
             "plugins": {k: v.state_dict() for k, v in sorted(self.plugin_states().items())},
         }
         meta = {"step": self.step, "recipe": self.recipe.resolved(), "world_size": self.run.world_size}
         info = self.checkpoints.save(self.step, parts, meta)
         logger.info("saved checkpoint %s", info.path)
+        barrier(self.dist)
         return info
 
     def _load(self, info: CheckpointInfo) -> None:
@@ -483,8 +617,7 @@ class Trainer:
             if not self.allow_drift:
                 raise TrainingError(message + "; pass --allow-drift to accept the change")
             logger.warning(message + " (accepted with --allow-drift)")
-        self.run.require("trainable").load_state_dict(parts["trainable"])
-        self.optimizer.load_state_dict(parts["optimizer"])
+        load_full_state(self.run.require("trainable"), self.optimizer, parts["trainable"], parts["optimizer"])
         self.scheduler.load_state_dict(parts["scheduler"])
         states = self.plugin_states()
         for key, obj in states.items():
@@ -498,13 +631,31 @@ class Trainer:
         random.setstate(rng["python"])
         np.random.set_state(("MT19937", rng["numpy"]["keys"].numpy().astype(np.uint32), *rng["numpy"]["rest"]))
         self.step = int(parts["trainer"]["step"])
-        truncate_metrics(self.run_dir / METRICS_FILE, self.step)
+        self.nonfinite_skipped = int(parts["trainer"].get("nonfinite_skipped", 0))
+        self.spikes.load_state_dict(parts["trainer"].get("spikes", self.spikes.state_dict()))
+        if self.dist.is_main:
+            truncate_metrics(self.run_dir / METRICS_FILE, self.step)
         logger.info("resumed from %s at step %d", info.path, self.step)
+
+    def _export(self) -> None:
+        """The trained denoiser as a diffusers folder (PRXTransformer2DModel.from_pretrained)."""
+        trainable = self.run.require("trainable")
+        model = trainable.model
+        if is_sharded(trainable):
+            state, _ = full_state(trainable, self.optimizer)  # collective
+            if not self.dist.is_main:
+                return
+            model = build_model(self.recipe.model, self.run.require("text_encoder").dim, torch.float32)
+            model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+        if self.dist.is_main:
+            export_diffusers(model, self.run_dir / "final" / "transformer")
 
     # ------------------------------------------------------------------ robustness
 
     def _track(self, fn: Any, *args: Any) -> None:
-        """A tracker failure is counted and logged; it never stops training."""
+        """A tracker failure is counted and logged; it never stops training. Rank 0 only."""
+        if not self.dist.is_main:
+            return
         try:
             fn(*args)
         except Exception:  # noqa: BLE001 - any tracker error must not kill a run

@@ -1,8 +1,10 @@
-"""Precision policies ``bf16_mixed`` (the default) and ``fp32`` (SPEC §4, "Precision policy").
+"""Precision policies ``bf16_mixed`` (the default), ``fp32`` and ``bf16_weights`` (SPEC §4, "Precision policy").
 
 The reference "bf16 weights" ablation silently trained in fp32 (SPEC §7.1), and the opposite
 accident, weights quietly ending up in bf16, degrades results. So dtypes are decided in one
-place, and a guard checks them at start and after every resume.
+place, and a guard checks them at start and after every resume. ``bf16_weights`` is the
+deliberate version of that degradation: an ablation that carries a loud ``warning`` (logged at
+WARNING level and recorded in the tracker's hparams by the trainer).
 """
 
 from __future__ import annotations
@@ -26,10 +28,21 @@ class Fp32Config:
     """No settings: everything in fp32, no autocast."""
 
 
+@dataclass(frozen=True)
+class Bf16WeightsConfig:
+    #: Keep bf16 autocast on top of the bf16 weights, so the ops autocast runs in fp32
+    #: (softmax, normalisations, losses) stay in fp32 as under ``bf16_mixed``; then the only
+    #: difference from ``bf16_mixed`` is where the weights live, which is the ablation.
+    autocast: bool = True
+
+
 INFO = PluginInfo(
     name="precision",
-    summary="Precision policies bf16_mixed (autocast bf16, fp32 weights/grads/optimizer) and fp32",
-    spec="SPEC §4 (precision policy), §7.1",
+    summary=(
+        "Precision policies bf16_mixed (autocast bf16, fp32 weights/grads/optimizer), fp32, and the "
+        "bf16_weights ablation (bf16-stored weights, fp32 optimizer state; logged loudly)"
+    ),
+    spec="SPEC §4 (precision policy), §5, §7.1",
 )
 
 
@@ -45,7 +58,14 @@ def _build_fp32(config: Fp32Config, run: Any) -> Any:
     return Fp32()
 
 
+def _build_bf16_weights(config: Bf16WeightsConfig, run: Any) -> Any:
+    from prx_core.precision import Bf16Weights
+
+    return Bf16Weights(run.device, autocast=config.autocast)
+
+
 @hookimpl
 def prx_register_precision_policies(registry: Any) -> None:
     registry.register("bf16_mixed", _build_bf16_mixed, Bf16MixedConfig)
     registry.register("fp32", _build_fp32, Fp32Config)
+    registry.register("bf16_weights", _build_bf16_weights, Bf16WeightsConfig)
