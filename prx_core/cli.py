@@ -127,9 +127,8 @@ def cmd_train(argv: list[str]) -> int:
         print(f"prx-run: invalid recipe: {err}", file=sys.stderr)
         return 2
 
-    from prx_core.trainer import Trainer, TrainingError
-
     from prx_core.distributed import shutdown
+    from prx_core.trainer import Trainer, TrainingError
 
     run_dir = args.run_dir or Path("runs") / recipe.name
     trainer = Trainer(recipe, run_dir, resume=args.resume, allow_drift=args.allow_drift, command=sys.argv)
