@@ -609,6 +609,9 @@ class Trainer:
     def _load(self, info: CheckpointInfo) -> None:
         parts, meta = self.checkpoints.load(info, device="cpu")
         drift = recipe_drift(meta.get("recipe", {}), self.recipe.resolved())
+        saved_world = int(meta.get("world_size", self.run.world_size))
+        if saved_world != self.run.world_size:
+            drift.append(f"world size ({saved_world} -> {self.run.world_size})")
         saved_fp = parts["trainer"].get("data_fingerprint")
         if saved_fp != self.run.require("data").fingerprint:
             drift.append(f"data fingerprint ({saved_fp} -> {self.run.require('data').fingerprint})")
@@ -664,7 +667,8 @@ class Trainer:
 
     @contextmanager
     def _graceful_stop(self) -> Iterator[None]:
-        """SIGTERM / first Ctrl-C: finish the current step, checkpoint, exit cleanly."""
+        """SIGTERM, SIGUSR1 (cluster pre-emption notice) or a first Ctrl-C: finish the current step,
+        checkpoint, exit cleanly. All ranks agree on the stop at the next step boundary."""
 
         def request_stop(signum: int, frame: FrameType | None) -> None:
             if self.stop_requested and signum == signal.SIGINT:
@@ -673,7 +677,7 @@ class Trainer:
             logger.warning("signal %d received: stopping after this step (Ctrl-C again to abort)", signum)
 
         try:
-            previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+            previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
         except ValueError:  # not in the main thread (e.g. called from a test thread)
             previous = {}
         try:

@@ -90,6 +90,9 @@ def _scenarios(rank: int, world: int, port: int, workdir: str, strategy: str) ->
         control = make_trainer(tiny_recipe(recipe_dir, patch), root / "resumed", resume="auto")
         control.step = 0
         out["control_losses"] = run_steps(control, 2)
+        # Gradient-norm consistency: every rank clips with the same global norm.
+        _, _, grad_norm = control.train_step(control.step)
+        out["grad_norm"] = grad_norm.item()
 
         # 4. A signal that reaches one rank only: both ranks stop at the same step boundary and save.
         stopper = make_trainer(tiny_recipe(recipe_dir, patch), root / "stopped")
@@ -129,6 +132,7 @@ def test_two_ranks_train_in_sync_and_resume_bitwise(strategy: str, tmp_path: Pat
         assert result["control_losses"] != result["straight_losses"][2:]
         assert result["stopped_early"] and result["stopped_at"] == 2 and result["checkpoints"] == [2]
     assert results[0]["first_sample"] != results[1]["first_sample"]  # ranks read different samples
+    assert results[0]["grad_norm"] == results[1]["grad_norm"]
     assert results[0]["straight_params"], "rank 0 must see the full weights"
 
 

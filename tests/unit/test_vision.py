@@ -120,6 +120,17 @@ def test_dtype_and_device_come_from_the_caller(tmp_path: Path) -> None:
     assert encoder.patch_tokens(_images(), (2, 2)).dtype == torch.bfloat16
 
 
+def test_low_precision_images_are_resized_and_keep_their_gradient(tmp_path: Path) -> None:
+    """A bf16 x̂0 (an autocast output) must go through the antialiased resize, which has no bf16 CPU kernel."""
+    weights = _save(_original("dinov2_vitl14_reg"), tmp_path / "w.safetensors")
+    encoder = load_frozen_encoder("dinov2_vitl14_reg", str(weights), overrides=TINY)
+    images = _images().to(torch.bfloat16).requires_grad_(True)
+    tokens = encoder.patch_tokens(images, (3, 3))
+    assert tokens.dtype == torch.float32  # the encoder's dtype, not the input's
+    tokens.sum().backward()
+    assert images.grad is not None and images.grad.dtype == torch.bfloat16 and images.grad.abs().sum() > 0
+
+
 def test_pth_weights_load_with_weights_only(tmp_path: Path) -> None:
     original = _original("dinov2_vitl14_reg")
     path = tmp_path / "w.pth"
