@@ -103,6 +103,10 @@ def test_shell_blocks_name_things_that_exist(where: str, body: str) -> None:
                 args = _train_parser().parse_args(words[1:])
                 assert (ROOT / args.recipe).is_file(), f"{where}: {args.recipe}"
                 load(ROOT / args.recipe, args.overrides)
+        elif words[0] in ("torchrun", "accelerate"):
+            assert "prx_core.cli" in words, f"{where}: launch prx through its module"
+            args = _train_parser().parse_args(words[words.index("prx_core.cli") + 1 :])
+            load(ROOT / args.recipe, args.overrides)
         elif words[0] in ("pip", "source", "export"):
             if words[0] == "pip" and "-e" in words:
                 assert (ROOT / words[words.index("-e") + 1]).is_dir()
