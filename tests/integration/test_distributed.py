@@ -170,3 +170,45 @@ def test_torchrun_launch_of_prx_run(tmp_path: Path) -> None:
     assert "2 process(es) (ddp)" in result.stderr
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")] == ["step_00000002"]
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_sigterm_to_the_torchrun_launcher_saves_a_committed_checkpoint(tmp_path: Path) -> None:
+    """torchrun forwards SIGTERM to its workers: they agree, save at a step boundary and exit."""
+    import subprocess
+    import sys
+    import time
+
+    from prx_core.checkpoint import CheckpointManager
+    from prx_core.testing.fixtures import write_recipe
+
+    recipe = write_recipe(tmp_path, {"train": {"steps": 100_000, "checkpoint_every": 100_000}})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "prx_core.cli",
+            str(recipe),
+            "--run-dir",
+            "run",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    launcher.send_signal(signal.SIGTERM)
+    launcher.communicate(timeout=120)  # torchrun itself reports the signal; the workers exit cleanly
+    committed = CheckpointManager(tmp_path / "run" / "checkpoints").committed()
+    assert len(committed) == 1 and committed[0].step >= 3
+    assert "stop requested: saving step" in (tmp_path / "run" / "train.log").read_text()
