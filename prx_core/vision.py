@@ -254,9 +254,14 @@ class FrozenEncoder:
         """Normalise images in [0, 1] with the encoder's mean/std and resize them to ``size_hw``."""
         if images_BCHW.ndim != 4 or images_BCHW.shape[1] != 3:
             raise ValueError(f"expected RGB images [B, 3, H, W] in [0, 1], got shape {tuple(images_BCHW.shape)}")
-        mean_C = torch.tensor(self.mean, device=images_BCHW.device, dtype=images_BCHW.dtype)
-        std_C = torch.tensor(self.std, device=images_BCHW.device, dtype=images_BCHW.dtype)
-        x_BCHW = (images_BCHW - mean_C[:, None, None]) / std_C[:, None, None]
+        # Normalise and resize in at least fp32: the antialiased resize has no bf16/fp16 kernel on
+        # CPU, and a bf16 x̂0 (autocast output) would lose precision here anyway. The cast is
+        # differentiable, so gradients still reach a low-precision input.
+        work_dtype = torch.promote_types(images_BCHW.dtype, torch.float32)
+        x_BCHW = images_BCHW.to(work_dtype)
+        mean_C = torch.tensor(self.mean, device=x_BCHW.device, dtype=work_dtype)
+        std_C = torch.tensor(self.std, device=x_BCHW.device, dtype=work_dtype)
+        x_BCHW = (x_BCHW - mean_C[:, None, None]) / std_C[:, None, None]
         if tuple(x_BCHW.shape[-2:]) != tuple(size_hw):
             x_BCHW = F.interpolate(x_BCHW, size=size_hw, mode="bilinear", align_corners=False, antialias=True)
         return x_BCHW.to(device=self.device, dtype=self.dtype)

@@ -1,0 +1,184 @@
+"""Loss term ``irepa``: REPA that emphasises spatial structure (SPEC §4, iREPA).
+
+iREPA (Singh et al. 2025, arXiv 2512.10794) keeps REPA's recipe (align the tokens after block
+``layer`` with a frozen DINOv2/DINOv3's patch tokens of the clean image, −λ·mean cos-sim) and
+changes two things, both aimed at transferring *spatial* rather than global information:
+
+* the targets are normalised over space, per sample and channel (the patch-shared component goes);
+* the projector is a small conv net on the token grid (default) or a small attention block,
+  instead of REPA's per-token MLP.
+
+The conv projector needs the full token grid, so it refuses a token router (TREAD, SPRINT) whose
+span covers ``layer``: at setup when the router is configured, and again at loss time if a route
+plan covers the layer. The attention projector works on any subset of tokens.
+
+Importing this module is torch-free. The teacher is loaded in :func:`prx_configure` through
+:mod:`prx_core.vision`, kept per run, never returned from ``prx_build_modules`` and never saved
+in checkpoints (SPEC §7.9). The projector is ``run.trainable.extras["irepa"]``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from prx_core import hookimpl
+from prx_core.config import RecipeError
+from prx_core.hookspecs import LossTerm, PluginInfo
+
+if TYPE_CHECKING:
+    import torch
+
+    from prx_core.context import RunContext, StepContext
+    from prx_core.vision import FrozenEncoder
+
+__all__ = ["INFO", "IrepaConfig", "prx_build_modules", "prx_configure", "prx_loss_terms"]
+
+
+@dataclass(frozen=True)
+class IrepaConfig:
+    """The ``[plugins.irepa]`` table."""
+
+    #: λ: the total loss gains −λ·mean cos-sim (as REPA, SPEC §4: 0.5).
+    weight: float = 0.5
+    #: 0-based index of the block whose output tokens are aligned (as REPA: 7, block 8 of 16).
+    layer: int = 7
+    #: A short name from ``prx_core.vision.TEACHERS`` or any timm ViT id.
+    encoder: str = "dinov2_vitl14_reg"
+    #: Local ``.safetensors``/``.pth`` state dict of the encoder. Empty: timm's hub download.
+    weights: str = ""
+    #: ``conv``: 3×3 conv → SiLU → 1×1 conv on the token grid (needs every token, so no routing of
+    #: ``layer``). ``attention``: linear → one self-attention block → linear (works with routing).
+    projector: Literal["conv", "attention"] = "conv"
+    #: Width inside the projector (conv channels / attention width).
+    projector_dim: int = 1024
+    #: Attention heads of the attention projector; must divide ``projector_dim``.
+    projector_heads: int = 8
+    #: Extra ``timm.create_model`` arguments (``embed_dim``, ``depth``, ``num_heads``…). Only for
+    #: tests and toy-scale ablations with a tiny teacher from a local ``weights`` file.
+    encoder_overrides: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+        if self.layer < 0:
+            raise ValueError(f"layer must be >= 0 (a 0-based block index), got {self.layer}")
+        if self.projector_dim < 1 or self.projector_heads < 1:
+            raise ValueError(
+                f"projector_dim and projector_heads must be >= 1, got {self.projector_dim}, {self.projector_heads}"
+            )
+        if self.projector == "attention" and self.projector_dim % self.projector_heads:
+            raise ValueError(
+                f"projector_dim {self.projector_dim} is not divisible by projector_heads {self.projector_heads}"
+            )
+        if not self.encoder.strip():
+            raise ValueError("encoder must name a teacher (e.g. 'dinov2_vitl14_reg' or 'dinov3_vitl16')")
+
+
+INFO = PluginInfo(
+    name="irepa",
+    summary="Loss term: REPA with spatially normalised targets and a conv/attention projector (iREPA)",
+    spec="SPEC §4 (iREPA)",
+    paper="https://arxiv.org/abs/2512.10794",
+    config=IrepaConfig,
+)
+
+
+@dataclass
+class _State:
+    teacher: FrozenEncoder
+
+
+#: Per-run state, keyed by ``id(run)``: RunContext is an unhashable dataclass, so no
+#: WeakKeyDictionary; a finaliser drops the entry (and the teacher) when the run goes away.
+_STATES: dict[int, _State] = {}
+
+
+def _state(run: RunContext) -> _State:
+    state = _STATES.get(id(run))
+    if state is None:
+        raise RuntimeError("irepa: prx_configure did not run for this run, so the teacher is not loaded")
+    return state
+
+
+def check_router_span(router: Any, layer: int, projector: str) -> None:
+    """Refuse, before training, a conv projector on a block that a token router routes.
+
+    ``router`` is the run's built token router (or any object with ``start``/``end``), or None.
+    """
+    if projector != "conv" or router is None:
+        return
+    start, end = getattr(router, "start", None), getattr(router, "end", None)
+    if isinstance(start, int) and isinstance(end, int) and start <= layer <= end:
+        raise RecipeError(
+            f"plugins.irepa.layer {layer} is inside the token router's span (blocks {start}..{end}), where blocks "
+            "see only the visible tokens, but the conv projector needs the full token grid; set "
+            'plugins.irepa.projector = "attention" or choose a layer outside the routed span'
+        )
+
+
+@hookimpl
+def prx_configure(run: RunContext) -> None:
+    from prx_core.vision import load_frozen_encoder
+
+    config: IrepaConfig = run.plugin_config(INFO.name)
+    depth = run.recipe.model.depth
+    if config.layer >= depth:
+        raise RecipeError(f"plugins.irepa.layer is {config.layer}, but the model has blocks 0..{depth - 1}")
+    check_router_span(run.router, config.layer, config.projector)
+    run.capture_after_block(config.layer)
+    teacher = load_frozen_encoder(
+        config.encoder,
+        config.weights,
+        run.device,
+        run.require("precision").frozen_dtype,
+        overrides=config.encoder_overrides,
+    )
+    _STATES[id(run)] = _State(teacher=teacher)
+    weakref.finalize(run, _STATES.pop, id(run), None)
+
+
+@hookimpl
+def prx_build_modules(run: RunContext) -> dict[str, torch.nn.Module]:
+    from prx_irepa.alignment import build_projector
+
+    config: IrepaConfig = run.plugin_config(INFO.name)
+    projector = build_projector(
+        config.projector,
+        run.recipe.model.hidden_size,
+        config.projector_dim,
+        config.projector_heads,
+        _state(run).teacher.embed_dim,
+        seed=run.recipe.seed,
+        key=INFO.name,
+    )
+    return {INFO.name: projector}
+
+
+@hookimpl
+def prx_loss_terms(step: StepContext) -> list[LossTerm]:
+    from prx_core.keys import CAPTURED_FEATURES, ROUTE_PLAN
+    from prx_irepa.alignment import irepa_loss
+
+    run = step.run
+    config: IrepaConfig = run.plugin_config(INFO.name)
+    captured = step.stash[CAPTURED_FEATURES]
+    if config.layer not in captured:
+        raise RuntimeError(f"irepa: block {config.layer} was not captured in this forward pass")
+    value = irepa_loss(
+        run.require("trainable").extras[INFO.name],
+        captured[config.layer],
+        _state(run).teacher,
+        step.images_BCHW,
+        step.x0_BCHW,
+        run.recipe.model.patch_size,
+        plan=step.stash.get(ROUTE_PLAN),
+        layer=config.layer,
+    )
+    return [LossTerm(INFO.name, config.weight, value)]
+
+
+def loaded_teacher(run: RunContext) -> FrozenEncoder:
+    """The run's frozen teacher (for tests and debugging)."""
+    return _state(run).teacher

@@ -1,0 +1,152 @@
+"""Loss term ``repa``: representation alignment to a frozen vision encoder (SPEC §4, REPA).
+
+REPA (Yu et al. 2024, arXiv 2410.06940) projects the image tokens after denoiser block ``layer``
+with a small trainable MLP and pulls them towards the patch tokens of a frozen self-supervised
+ViT (DINOv2 / DINOv3) computed on the clean image. The term is −mean cosine similarity, weighted
+by λ, so the total loss gains −λ·cos.
+
+Importing this module is torch-free (``prx-run plugins`` and recipe checks import it). The teacher
+is loaded in :func:`prx_configure` through :mod:`prx_core.vision`, kept per run here, never
+returned from ``prx_build_modules`` and never saved in checkpoints (SPEC §7.9): a resumed run
+reloads it from its weights. The projector is a trainable module (``run.trainable.extras["repa"]``),
+so it is optimised, checkpointed and EMA-averaged with the model.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from prx_core import hookimpl
+from prx_core.config import RecipeError
+from prx_core.hookspecs import LossTerm, PluginInfo
+
+if TYPE_CHECKING:
+    import torch
+
+    from prx_core.context import RunContext, StepContext
+    from prx_core.vision import FrozenEncoder
+
+__all__ = ["INFO", "RepaConfig", "prx_build_modules", "prx_configure", "prx_loss_terms"]
+
+
+@dataclass(frozen=True)
+class RepaConfig:
+    """The ``[plugins.repa]`` table."""
+
+    #: λ: the total loss gains −λ·mean cos-sim (SPEC §4: 0.5).
+    weight: float = 0.5
+    #: 0-based index of the block whose output tokens are aligned (SPEC §4: 7, i.e. block 8 of 16).
+    layer: int = 7
+    #: A short name from ``prx_core.vision.TEACHERS`` (``dinov2_vitl14_reg``, ``dinov3_vitl16``,
+    #: ``dinov2_vitb14_reg``) or any timm ViT id.
+    encoder: str = "dinov2_vitl14_reg"
+    #: Local ``.safetensors``/``.pth`` state dict of the encoder. Empty: timm's hub download.
+    weights: str = ""
+    #: Width of the projector's two hidden layers (SPEC §4: 1024). Its output width is always the
+    #: encoder's embedding width (1024 for the ViT-L teachers).
+    projector_dim: int = 1024
+    #: Extra ``timm.create_model`` arguments (``embed_dim``, ``depth``, ``num_heads``…). Only for
+    #: tests and toy-scale ablations that use a tiny teacher of the same family from a local
+    #: ``weights`` file; leave empty with real pretrained weights.
+    encoder_overrides: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+        if self.layer < 0:
+            raise ValueError(f"layer must be >= 0 (a 0-based block index), got {self.layer}")
+        if self.projector_dim < 1:
+            raise ValueError(f"projector_dim must be >= 1, got {self.projector_dim}")
+        if not self.encoder.strip():
+            raise ValueError("encoder must name a teacher (e.g. 'dinov2_vitl14_reg' or 'dinov3_vitl16')")
+
+
+INFO = PluginInfo(
+    name="repa",
+    summary="Loss term: align block `layer` tokens (MLP projector) to frozen DINOv2/DINOv3 patch tokens (REPA)",
+    spec="SPEC §4 (REPA)",
+    paper="https://arxiv.org/abs/2410.06940",
+    config=RepaConfig,
+)
+
+
+@dataclass
+class _State:
+    teacher: FrozenEncoder
+
+
+#: Per-run state, keyed by ``id(run)``: RunContext is an unhashable dataclass, so no
+#: WeakKeyDictionary; a finaliser drops the entry (and the teacher) when the run goes away.
+_STATES: dict[int, _State] = {}
+
+
+def _state(run: RunContext) -> _State:
+    state = _STATES.get(id(run))
+    if state is None:
+        raise RuntimeError("repa: prx_configure did not run for this run, so the teacher is not loaded")
+    return state
+
+
+@hookimpl
+def prx_configure(run: RunContext) -> None:
+    from prx_core.vision import load_frozen_encoder
+
+    config: RepaConfig = run.plugin_config(INFO.name)
+    depth = run.recipe.model.depth
+    if config.layer >= depth:
+        raise RecipeError(f"plugins.repa.layer is {config.layer}, but the model has blocks 0..{depth - 1}")
+    run.capture_after_block(config.layer)
+    teacher = load_frozen_encoder(
+        config.encoder,
+        config.weights,
+        run.device,
+        run.require("precision").frozen_dtype,
+        overrides=config.encoder_overrides,
+    )
+    _STATES[id(run)] = _State(teacher=teacher)
+    weakref.finalize(run, _STATES.pop, id(run), None)
+
+
+@hookimpl
+def prx_build_modules(run: RunContext) -> dict[str, torch.nn.Module]:
+    from prx_repa.alignment import build_projector
+
+    config: RepaConfig = run.plugin_config(INFO.name)
+    projector = build_projector(
+        run.recipe.model.hidden_size,
+        config.projector_dim,
+        _state(run).teacher.embed_dim,
+        seed=run.recipe.seed,
+        key=INFO.name,
+    )
+    return {INFO.name: projector}
+
+
+@hookimpl
+def prx_loss_terms(step: StepContext) -> list[LossTerm]:
+    from prx_core.keys import CAPTURED_FEATURES, ROUTE_PLAN
+    from prx_repa.alignment import repa_loss
+
+    run = step.run
+    config: RepaConfig = run.plugin_config(INFO.name)
+    captured = step.stash[CAPTURED_FEATURES]
+    if config.layer not in captured:
+        raise RuntimeError(f"repa: block {config.layer} was not captured in this forward pass")
+    value = repa_loss(
+        run.require("trainable").extras[INFO.name],
+        captured[config.layer],
+        _state(run).teacher,
+        step.images_BCHW,
+        step.x0_BCHW,
+        run.recipe.model.patch_size,
+        plan=step.stash.get(ROUTE_PLAN),
+        layer=config.layer,
+    )
+    return [LossTerm(INFO.name, config.weight, value)]
+
+
+def loaded_teacher(run: RunContext) -> FrozenEncoder:
+    """The run's frozen teacher (for tests and debugging)."""
+    return _state(run).teacher

@@ -1,0 +1,70 @@
+"""REPA maths: the MLP projector, the teacher targets and the alignment loss."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from prx_core.seeding import derive_seed
+from prx_core.vision import mean_cosine_similarity, token_grid, visible_targets
+
+if TYPE_CHECKING:
+    from prx_core.keys import RoutePlan
+    from prx_core.vision import FrozenEncoder
+
+
+def build_projector(hidden_size: int, projector_dim: int, embed_dim: int, *, seed: int, key: str) -> torch.nn.Module:
+    """The REPA MLP H → d → d → E with SiLU (SPEC §4: H→1024→1024→1024 for a ViT-L teacher).
+
+    Initialised from a generator keyed by ``(seed, key)`` rather than the global RNG, so the projector's
+    initial weights do not depend on which other plugins drew random numbers before it.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, key, "projector"))
+        return torch.nn.Sequential(
+            torch.nn.Linear(hidden_size, projector_dim),
+            torch.nn.SiLU(),
+            torch.nn.Linear(projector_dim, projector_dim),
+            torch.nn.SiLU(),
+            torch.nn.Linear(projector_dim, embed_dim),
+        )
+
+
+def repa_targets(
+    teacher: FrozenEncoder,
+    images_BCHW: torch.Tensor,
+    grid_hw: tuple[int, int],
+    plan: RoutePlan | None,
+    layer: int,
+) -> torch.Tensor:
+    """Teacher patch tokens of the clean images on the denoiser's token grid, [B, K, E].
+
+    The images are resized so the teacher's patch grid equals the denoiser's (SPEC §4). When a
+    token router routes block ``layer``, only the visible tokens are kept, in the router's order.
+    No gradient: the teacher is a fixed target.
+    """
+    with torch.no_grad():
+        targets_BNE = teacher.patch_tokens(images_BCHW, grid_hw)
+        return visible_targets(targets_BNE, plan, layer)
+
+
+def repa_loss(
+    projector: torch.nn.Module,
+    tokens_BKH: torch.Tensor,
+    teacher: FrozenEncoder,
+    images_BCHW: torch.Tensor,
+    x0_BCHW: torch.Tensor,
+    patch_size: int,
+    *,
+    plan: RoutePlan | None,
+    layer: int,
+) -> torch.Tensor:
+    """−mean cosine similarity between projected block tokens and the teacher's patch tokens."""
+    targets_BKE = repa_targets(teacher, images_BCHW, token_grid(x0_BCHW, patch_size), plan, layer)
+    if targets_BKE.shape[:2] != tokens_BKH.shape[:2]:
+        raise RuntimeError(
+            f"repa: block {layer} has tokens of shape {tuple(tokens_BKH.shape)} but the teacher gives targets "
+            f"of shape {tuple(targets_BKE.shape)}; the token grid or the route plan does not match"
+        )
+    return -mean_cosine_similarity(projector(tokens_BKH), targets_BKE)

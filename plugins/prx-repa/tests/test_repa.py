@@ -1,0 +1,259 @@
+"""REPA: projector, targets, loss value, gradient reach, route-plan gather, teacher kept out of checkpoints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import prx_repa  # noqa: E402
+from prx_repa import RepaConfig  # noqa: E402
+from prx_repa.alignment import build_projector, repa_loss, repa_targets  # noqa: E402
+
+from prx_core.config import RecipeError, bind  # noqa: E402
+from prx_core.context import StepContext  # noqa: E402
+from prx_core.keys import CAPTURED_FEATURES, ROUTE_PLAN, RoutePlan, Stash  # noqa: E402
+from prx_core.testing.fixtures import make_trainer, run_steps, tiny_recipe  # noqa: E402
+from prx_core.trainer import Trainer  # noqa: E402
+from prx_core.vision import FrozenEncoder, load_frozen_encoder, write_random_weights  # noqa: E402
+
+TINY_TEACHER = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("teacher") / "tiny_dinov2.safetensors"
+    return write_random_weights("dinov2_vitl14_reg", path, overrides=TINY_TEACHER)
+
+
+@pytest.fixture(scope="module")
+def teacher(weights: Path) -> FrozenEncoder:
+    return load_frozen_encoder("dinov2_vitl14_reg", str(weights), overrides=TINY_TEACHER)
+
+
+def _patch(weights: Path, **repa: Any) -> dict[str, Any]:
+    table = {"layer": 1, "projector_dim": 16, "weights": str(weights), "encoder_overrides": TINY_TEACHER, **repa}
+    return {"model": {"depth": 3}, "plugins": {"repa": table}}
+
+
+def _loop_neg_cos(projected_BKE: torch.Tensor, targets_BKE: torch.Tensor) -> float:
+    """−mean cosine similarity, one token at a time."""
+    total, count = 0.0, 0
+    for b in range(projected_BKE.shape[0]):
+        for k in range(projected_BKE.shape[1]):
+            u, v = projected_BKE[b, k].double(), targets_BKE[b, k].double()
+            total += float(u @ v / (u.norm() * v.norm()))
+            count += 1
+    return -total / count
+
+
+def _spy_loss_terms(trainer: Trainer) -> dict[str, Any]:
+    """Keep the StepContext and the (undetached) loss terms of the next micro-step."""
+    seen: dict[str, Any] = {}
+    original = trainer._loss_terms
+
+    def spy(ctx: StepContext) -> Any:
+        terms = original(ctx)
+        seen.update(ctx=ctx, terms=terms)
+        return terms
+
+    trainer._loss_terms = spy  # type: ignore[method-assign]
+    return seen
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_defaults_follow_the_spec() -> None:
+    config = RepaConfig()
+    assert (config.weight, config.layer, config.encoder, config.projector_dim) == (0.5, 7, "dinov2_vitl14_reg", 1024)
+    assert prx_repa.INFO.config is RepaConfig
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"weight": -1.0}, "weight must be >= 0"),
+        ({"layer": -1}, "layer must be >= 0"),
+        ({"projector_dim": 0}, "projector_dim must be >= 1"),
+        ({"encoder": " "}, "encoder must name a teacher"),
+        ({"lambda": 0.5}, "unknown key"),
+    ],
+)
+def test_config_rejects_bad_values(table: dict[str, Any], message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        bind(RepaConfig, table, prefix="plugins.repa")
+
+
+# --------------------------------------------------------------------------- maths
+
+
+def test_projector_is_an_mlp_with_silu_and_a_keyed_init() -> None:
+    projector = build_projector(32, 16, 24, seed=0, key="repa")
+    layers = list(projector)
+    assert [type(m).__name__ for m in layers] == ["Linear", "SiLU", "Linear", "SiLU", "Linear"]
+    assert [(m.in_features, m.out_features) for m in layers if isinstance(m, torch.nn.Linear)] == [
+        (32, 16),
+        (16, 16),
+        (16, 24),
+    ]
+    # Same seed, same weights, whatever the global RNG did in between; the global RNG is untouched.
+    torch.manual_seed(1)
+    state = torch.random.get_rng_state()
+    again = build_projector(32, 16, 24, seed=0, key="repa")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(projector.parameters(), again.parameters(), strict=True))
+    other = build_projector(32, 16, 24, seed=1, key="repa")
+    assert not torch.equal(layers[0].weight, other[0].weight)
+
+
+def test_loss_matches_a_token_by_token_computation(teacher: FrozenEncoder) -> None:
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 16, 24, generator=g)
+    x0 = images * 2 - 1  # pixel latents: 16×24 with patch 4 → a 4×6 token grid
+    tokens = torch.randn(2, 24, 8, generator=g)
+    projector = build_projector(8, 12, teacher.embed_dim, seed=0, key="t")
+    value = repa_loss(projector, tokens, teacher, images, x0, 4, plan=None, layer=0)
+    with torch.no_grad():
+        targets = teacher.patch_tokens(images, (4, 6))
+        expected = _loop_neg_cos(projector(tokens), targets)
+    assert value.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_targets_follow_a_route_plan_that_covers_the_layer(teacher: FrozenEncoder) -> None:
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    full = teacher.patch_tokens(images, (4, 4)).detach()
+    idx = torch.tensor([[0, 3, 5, 6, 9, 15], [1, 2, 4, 8, 10, 11]])
+    plan = RoutePlan(visible_idx_BK=idx, full_length=16, start=1, end=2)
+    routed = repa_targets(teacher, images, (4, 4), plan, layer=2)
+    expected = torch.stack([torch.stack([full[b, int(i)] for i in idx[b]]) for b in range(2)])
+    assert torch.equal(routed, expected)
+    # Outside the routed span the block sees every token, so every target is kept.
+    assert torch.equal(repa_targets(teacher, images, (4, 4), plan, layer=3), full)
+    assert not repa_targets(teacher, images, (4, 4), plan, layer=3).requires_grad
+
+
+def test_loss_refuses_mismatched_token_counts(teacher: FrozenEncoder) -> None:
+    images = torch.rand(1, 3, 16, 16)
+    projector = build_projector(8, 8, teacher.embed_dim, seed=0, key="t")
+    with pytest.raises(RuntimeError, match="does not match"):
+        repa_loss(projector, torch.randn(1, 10, 8), teacher, images, images, 4, plan=None, layer=0)
+
+
+# --------------------------------------------------------------------------- in the trainer
+
+
+def test_term_in_a_training_step_matches_an_independent_computation(weights: Path, tmp_path: Path) -> None:
+    trainer = make_trainer(tiny_recipe(tmp_path / "r", _patch(weights)), tmp_path / "run")
+    seen = _spy_loss_terms(trainer)
+    trainer.micro_step(0, 0)
+    (term,) = seen["terms"]
+    assert (term.name, term.weight) == ("repa", 0.5)
+    ctx = seen["ctx"]
+    tokens = ctx.stash[CAPTURED_FEATURES][1]
+    assert tokens.shape == (4, 16, 32)  # 16-px images, patch 4: a 4×4 grid of width-32 tokens
+    teacher = prx_repa.loaded_teacher(trainer.run)
+    with torch.no_grad():
+        targets = teacher.patch_tokens(ctx.images_BCHW, (4, 4))
+        expected = _loop_neg_cos(trainer.run.trainable.extras["repa"](tokens), targets)
+    assert term.value.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_gradients_reach_the_projector_and_blocks_up_to_layer_only(weights: Path, tmp_path: Path) -> None:
+    trainer = make_trainer(tiny_recipe(tmp_path / "r", _patch(weights, layer=1)), tmp_path / "run")
+    trainable = trainer.run.trainable
+    # Move every weight off its (partly zero) init, so a missing gradient cannot hide behind a
+    # zero gate: PRX zero-initialises adaLN modulation and the final layer.
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in trainable.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    seen = _spy_loss_terms(trainer)
+    trainer.micro_step(0, 0)
+    trainable.zero_grad(set_to_none=True)
+    seen["terms"][0].value.backward()
+    reached = {n for n, p in trainable.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    untouched = {n for n, p in trainable.named_parameters() if p.grad is None}
+    expected_prefixes = ("extras.repa.", "model.img_in.", "model.txt_in.", "model.time_in.", "model.blocks.0.")
+    expected_prefixes += ("model.blocks.1.",)
+    for name, _ in trainable.named_parameters():
+        if name.startswith(expected_prefixes):
+            assert name in reached, f"{name} gets no gradient from the REPA term"
+        else:
+            assert name in untouched, f"{name} gets a gradient from the REPA term"
+    assert any(n.startswith("model.blocks.2.") for n in untouched)
+    assert any(n.startswith("model.final_layer.") for n in untouched)
+    teacher = prx_repa.loaded_teacher(trainer.run)
+    assert all(p.grad is None and not p.requires_grad for p in teacher.model.parameters())
+
+
+def test_teacher_is_not_trained_nor_checkpointed(weights: Path, tmp_path: Path) -> None:
+    trainer = make_trainer(tiny_recipe(tmp_path / "r", _patch(weights)), tmp_path / "run")
+    keys = set(trainer.run.trainable.state_dict())
+    assert {k.split(".")[1] for k in keys if k.startswith("extras.")} == {"repa"}
+    assert all(k.startswith(("model.", "extras.repa.")) for k in keys)
+    assert not trainer.plugin_states()
+    teacher = prx_repa.loaded_teacher(trainer.run)
+    teacher_ids = {id(p) for p in teacher.model.parameters()}
+    assert not teacher_ids & {id(p) for p in trainer.run.trainable.parameters()}
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not teacher_ids & optimised
+
+
+def test_route_plan_in_the_stash_selects_visible_targets(weights: Path, tmp_path: Path) -> None:
+    """What TREAD + REPA see: block `layer` inside the routed span holds only the visible tokens."""
+    trainer = make_trainer(tiny_recipe(tmp_path / "r", _patch(weights, layer=1)), tmp_path / "run")
+    run = trainer.run
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(2, 3, 16, 16, generator=g)
+    x0 = images * 2 - 1
+    idx = torch.stack([torch.randperm(16, generator=g)[:7].sort().values for _ in range(2)])
+    tokens = torch.randn(2, 7, 32, generator=g)
+    stash = Stash()
+    stash[CAPTURED_FEATURES] = {1: tokens}
+    stash[ROUTE_PLAN] = RoutePlan(visible_idx_BK=idx, full_length=16, start=1, end=2)
+    zeros = torch.zeros_like(x0)
+    step = StepContext(
+        run=run,
+        step=0,
+        micro_step=0,
+        images_BCHW=images,
+        x0_BCHW=x0,
+        noise_BCHW=zeros,
+        t_B=torch.full((2,), 0.5),
+        x_t_BCHW=zeros,
+        text_BLD=torch.zeros(2, 4, 384),
+        mask_BL=torch.ones(2, 4, dtype=torch.bool),
+        stash=stash,
+        generator=g,
+    )
+    (term,) = prx_repa.prx_loss_terms(step)
+    teacher = prx_repa.loaded_teacher(run)
+    with torch.no_grad():
+        full = teacher.patch_tokens(images, (4, 4))
+        gathered = torch.stack([full[b, idx[b]] for b in range(2)])
+        expected = _loop_neg_cos(run.trainable.extras["repa"](tokens), gathered)
+    assert term.value.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_layer_beyond_the_model_is_refused_at_setup(weights: Path, tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"plugins\.repa\.layer is 3, but the model has blocks 0\.\.2"):
+        make_trainer(tiny_recipe(tmp_path / "r", _patch(weights, layer=3)), tmp_path / "run")
+
+
+def test_dinov3_teacher_under_bf16_mixed(tmp_path: Path) -> None:
+    overrides = {"embed_dim": 32, "depth": 1, "num_heads": 2}
+    weights = write_random_weights("dinov3_vitl16", tmp_path / "tiny_dinov3.safetensors", overrides=overrides)
+    patch = _patch(weights, encoder="dinov3_vitl16", encoder_overrides=overrides)
+    patch["precision"] = {"use": "bf16_mixed"}
+    trainer = make_trainer(tiny_recipe(tmp_path / "r", patch), tmp_path / "run")
+    teacher = prx_repa.loaded_teacher(trainer.run)
+    assert teacher.patch_size == 16
+    assert {p.dtype for p in teacher.model.parameters()} == {trainer.run.precision.frozen_dtype}
+    losses = run_steps(trainer, 1)
+    assert all(torch.isfinite(torch.tensor(losses)))
