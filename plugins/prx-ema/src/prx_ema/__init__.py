@@ -1,0 +1,128 @@
+"""Plugin ``ema``: an exponential moving average of every trainable weight (SPEC §4).
+
+ema ← s·ema + (1 − s)·w every ``every`` optimizer steps, over the parameters *and* buffers of the
+whole ``run.trainable`` (the denoiser plus every plugin's extra modules, so a SPRINT fusion layer
+or a resolution embedder is averaged and used at sampling too, SPEC §7.8). The copy is kept in
+fp32 even when the weights are bf16, sampling and metrics use it, and it is checkpointed so a
+resume continues bitwise.
+
+Importing this module is torch-free; the maths is in :mod:`prx_ema.ema`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from prx_core import hookimpl
+from prx_core.hookspecs import PluginInfo
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    import torch
+
+    from prx_core.context import RunContext, StepContext
+    from prx_core.hookspecs import LossTerm
+    from prx_ema.ema import EmaState
+
+__all__ = [
+    "INFO",
+    "EMAConfig",
+    "prx_after_optimizer_step",
+    "prx_checkpoint_state",
+    "prx_configure",
+    "prx_loss_terms",
+    "prx_sampling_model",
+]
+
+#: Key of the EMA weights in checkpoints (``plugins/ema.*``).
+CHECKPOINT_KEY = "ema"
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    """The ``[plugins.ema]`` table."""
+
+    #: s in ema ← s·ema + (1 − s)·w. 1.0 freezes the average at its starting weights.
+    decay: float = 0.999
+    #: Update once every this many optimizer steps (when the completed-step count is a multiple).
+    every: int = 10
+    #: The average starts from the weights after this many optimizer steps (0: the initial
+    #: weights); until then it simply copies the weights.
+    start_step: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {self.decay}")
+        if self.every < 1:
+            raise ValueError(f"every must be >= 1, got {self.every}")
+        if self.start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {self.start_step}")
+
+
+INFO = PluginInfo(
+    name="ema",
+    summary="EMA of all trainable weights and buffers (fp32), used for sampling/metrics, resumed exactly",
+    spec="SPEC §4 (EMA), §7.8",
+    config=EMAConfig,
+)
+
+# One EMA per run. RunContext is an unhashable dataclass, so the key is its id; a finalizer drops
+# the entry when the run is garbage-collected (the state never refers back to the run, so it
+# cannot keep the run alive), and a new run with a recycled id replaces it in prx_configure.
+_STATES: dict[int, EmaState] = {}
+
+
+def _state(run: RunContext) -> EmaState:
+    state = _STATES.get(id(run))
+    if state is None:
+        from prx_ema.ema import EmaState, ema_dtype
+
+        config: EMAConfig = run.plugin_config(INFO.name)
+        state = EmaState(config.decay, config.every, config.start_step, ema_dtype(run.require("precision")))
+        _STATES[id(run)] = state
+        weakref.finalize(run, _STATES.pop, id(run), None)
+    return state
+
+
+@hookimpl
+def prx_configure(run: RunContext) -> None:
+    _STATES.pop(id(run), None)
+    state = _state(run)
+    run.logger.info(
+        "ema: decay %s every %d step(s), starting at step %d, kept in %s",
+        state.decay,
+        state.every,
+        state.start_step,
+        state.dtype,
+    )
+
+
+@hookimpl
+def prx_loss_terms(step: StepContext) -> list[LossTerm] | None:
+    # Not a loss: this is the earliest hook that sees the complete trainable modules (extras
+    # included) *before* the first optimizer step, so the average starts from the initial
+    # weights like timm's and composer's EMA. Later calls find the copy already made.
+    _state(step.run).ensure(step.run.require("trainable"))
+    return None
+
+
+@hookimpl
+def prx_after_optimizer_step(run: RunContext, step: int) -> None:
+    _state(run).after_optimizer_step(run.require("trainable"), step)
+
+
+@hookimpl
+def prx_sampling_model(run: RunContext) -> torch.nn.Module | None:
+    return _state(run).ensure(run.require("trainable"))
+
+
+@hookimpl
+def prx_checkpoint_state(run: RunContext) -> Mapping[str, Any] | None:
+    state = _state(run)
+    # On resume this runs after the trained weights are loaded; the copy made here is then
+    # overwritten by the saved average.
+    state.ensure(run.require("trainable"))
+    return {CHECKPOINT_KEY: state}
