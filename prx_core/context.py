@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from prx_core.keys import Stash
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from prx_core.denoiser import TrainableModules
@@ -51,6 +53,7 @@ class RunContext:
     trainable: TrainableModules | None = None
     captures: set[int] = field(default_factory=set)
     conditioning: dict[str, ConditioningSeam] = field(default_factory=dict)
+    plugin_states: dict[str, Any] = field(default_factory=dict)
 
     def plugin_config(self, name: str) -> Any:
         """The validated ``[plugins.<name>]`` config of an enabled plugin."""
@@ -65,6 +68,17 @@ class RunContext:
         if not 0 <= index < depth:
             raise ValueError(f"cannot capture block {index}: the model has blocks 0..{depth - 1}")
         self.captures.add(index)
+
+    def plugin_state(self, name: str, create: Callable[[], T]) -> T:
+        """The per-run state object of plugin ``name``, made by ``create`` on first use.
+
+        It lives exactly as long as the run, so plugins keep frozen teachers, EMA copies and
+        similar here instead of in module globals that would leak between runs and tests.
+        """
+        if name not in self.plugin_states:
+            self.plugin_states[name] = create()
+        state: T = self.plugin_states[name]
+        return state
 
     def add_conditioning(self, name: str, seam: ConditioningSeam) -> None:
         """Register a conditioning seam (runs before the blocks; seams apply in name order)."""

@@ -135,8 +135,16 @@ def prx_build_modules(run: RunContext) -> Mapping[str, torch.nn.Module] | None:
 
     They are added before the optimizer and any sharding is built, live under
     ``run.trainable.extras[<name>]`` and are saved with the model. Names must be unique across
-    plugins; core sorts them, so parameter order does not depend on plugin order.
+    plugins; core sorts them, so parameter order does not depend on plugin order, and it seeds
+    torch's global generator from (recipe seed, plugin name) before each plugin's call, so
+    initial weights do not depend on plugin order either.
     """
+
+
+@hookspec
+def prx_before_training(run: RunContext) -> None:
+    """Called once after the trainable modules, optimizer and schedule exist, before a checkpoint
+    is restored and before the first step (e.g. EMA copies the initial weights here)."""
 
 
 @hookspec

@@ -14,12 +14,12 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ from prx_core.recipe import Recipe
 from prx_core.rundir import METRICS_FILE, truncate_metrics, write_atomic, write_run_files
 from prx_core.sampling import euler_sample
 from prx_core.schedules import lr_multiplier
-from prx_core.seeding import generator_for
+from prx_core.seeding import derive_seed, generator_for
 from prx_core.slots import BatchRequest, Guidance
 from prx_core.text_cache import CachedTextEncoder
 
@@ -200,12 +200,7 @@ class Trainer:
         model = build_model(recipe.model, run.text_encoder.dim, run.precision.param_dtype)
         run.trainable = TrainableModules(model)
         self.pm.hook.prx_configure(run=run)
-        extras: dict[str, torch.nn.Module] = {}
-        for contribution in self.pm.hook.prx_build_modules(run=run):
-            for name, module in (contribution or {}).items():
-                if name in extras:
-                    raise TrainingError(f"two plugins build an extra module named '{name}'")
-                extras[name] = module
+        extras = self._build_extra_modules()
         # Device only: dtypes are the policy's business, and the guard below must see any deviation.
         run.trainable = TrainableModules(model, extras).to(device=device)
         # The optimizer is built after sharding, so FSDP2 hands it the sharded parameters.
@@ -221,6 +216,7 @@ class Trainer:
             recipe.train.global_batch, recipe.train.micro_batch, run.world_size
         )
         self.empty_prompt = run.text_encoder.empty()
+        self.pm.hook.prx_before_training(run=run)
         if start_from is not None:
             self._load(start_from)
         elif self.dist.is_main:
@@ -241,6 +237,19 @@ class Trainer:
             run.precision.name,
             ", ".join(f"{k} {v}" for k, v in recipe.active.versions_table().items()),
         )
+
+    def _build_extra_modules(self) -> dict[str, torch.nn.Module]:
+        """Each plugin's ``prx_build_modules``, seeded from (seed, plugin) so init is order-free."""
+        extras: dict[str, torch.nn.Module] = {}
+        for impl in self.pm.hook.prx_build_modules.get_hookimpls():
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(derive_seed(self.recipe.seed, "build_modules", impl.plugin_name))
+                contribution = cast("Mapping[str, torch.nn.Module] | None", impl.function(run=self.run))
+            for name, module in (contribution or {}).items():
+                if name in extras:
+                    raise TrainingError(f"two plugins build an extra module named '{name}'")
+                extras[name] = module
+        return extras
 
     def _build_slot(self, slot: str) -> Any:
         choice = self.recipe.slots[slot]
@@ -652,6 +661,9 @@ class Trainer:
             model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
         if self.dist.is_main:
             export_diffusers(model, self.run_dir / "final" / "transformer")
+            sampling = self.sampling_modules()
+            if sampling is not trainable:  # e.g. EMA: export the weights samples were made with too
+                export_diffusers(sampling.model, self.run_dir / "final" / "transformer_sampling")
 
     # ------------------------------------------------------------------ robustness
 

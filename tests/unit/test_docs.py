@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from prx_core.recipe import load
-from prx_core.testing.fixtures import write_recipe
+from prx_core.recipe import deep_merge, dump_toml, load
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted(ROOT.glob("plugins/*/README.md"))]
@@ -42,8 +41,11 @@ def test_toml_blocks_are_valid_recipes(where: str, body: str, tmp_path: Path, mo
         path = tmp_path / "recipes" / "doc_example.toml"
         path.write_text(body, encoding="utf-8")
     else:
-        # A fragment: it must validate when merged into the tiny recipe.
-        path = write_recipe(tmp_path, data)
+        # A fragment: it must validate when merged into the quickstart recipe.
+        with (ROOT / "recipes" / "quickstart.toml").open("rb") as fh:
+            base = tomllib.load(fh)
+        path = tmp_path / "fragment.toml"
+        path.write_text(dump_toml(deep_merge(base, data)), encoding="utf-8")
     if "prediction_l2" in data.get("plugins", {}):
         _install_contributing_example(tmp_path / "site", monkeypatch)
         assert "prediction_l2" in load(path).plugins
@@ -112,3 +114,9 @@ def test_shell_blocks_name_things_that_exist(where: str, body: str) -> None:
                 assert (ROOT / words[words.index("-e") + 1]).is_dir()
         else:
             raise AssertionError(f"{where}: unexpected command {words[0]!r}; teach this test about it")
+
+
+def test_readme_lists_every_plugin_package() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for package in sorted(p.name for p in (ROOT / "plugins").iterdir() if (p / "pyproject.toml").exists()):
+        assert f"`{package}`" in readme, f"README's plugin table misses {package}"

@@ -68,8 +68,10 @@ def test_core_never_imports_a_plugin_and_plugins_never_import_each_other() -> No
         rel = path.relative_to(ROOT)
         if rel.parts[0] == "plugins":
             own = {p.name for p in (ROOT / "plugins" / rel.parts[1] / "src").glob("prx_*")}
-        else:
+        elif rel.parts[0] == "prx_core":
             own = set()
+        else:
+            continue  # tests and benchmarks may exercise any plugin
         for imported in pattern.findall(path.read_text(encoding="utf-8")):
             if imported in plugin_modules and imported not in own:
                 problems.append(f"{rel} imports plugin module {imported}")
