@@ -107,12 +107,18 @@ def _fill_registries(active: ActivePlugins, plugin_names: Iterable[str]) -> None
                 impl.function(registry=active.registries[slot].for_plugin(impl.plugin_name))
 
 
-def activate(slot_choices: dict[str, str], plugin_tables: Iterable[str], where: str = "recipe") -> ActivePlugins:
+def activate(
+    slot_choices: dict[str, str],
+    plugin_tables: Iterable[str],
+    where: str = "recipe",
+    metric_names: Iterable[str] = (),
+) -> ActivePlugins:
     """Build the plugin manager for a recipe.
 
     ``slot_choices`` maps slot -> chosen entry name; ``plugin_tables`` are the names under
-    ``[plugins.*]``. Builtins are always registered; an installed plugin is loaded when a slot
-    choice is not a builtin entry and an entry point of that name exists, or when it has a
+    ``[plugins.*]``; ``metric_names`` the names under ``[metrics.*]`` (entries of the metric
+    slot). Builtins are always registered; an installed plugin is loaded when a slot choice or a
+    metric is not a builtin entry and an entry point of that name exists, or when it has a
     ``[plugins.<name>]`` table.
     """
     manager = _new_manager()
@@ -131,6 +137,9 @@ def activate(slot_choices: dict[str, str], plugin_tables: Iterable[str], where: 
     for slot, name in sorted(slot_choices.items()):
         if name not in active.registries[slot].names():
             wanted.setdefault(name, f"{slot}.use")
+    for name in sorted(metric_names):
+        if name not in active.registries["metric"].names():
+            wanted.setdefault(name, f"metrics.{name}.use")
     for name in sorted(plugin_tables):
         if name not in active.builtin:
             wanted.setdefault(name, f"plugins.{name}")

@@ -74,7 +74,9 @@ def check_dtypes(
                 f"{param_dtype}; {_weight_hint(policy, param.dtype, param_dtype)}"
             )
         if param.grad is not None and param.grad.dtype != param_dtype:
-            raise PrecisionError(f"{when}: gradient of '{name}' is {param.grad.dtype}, expected {param_dtype} ({policy})")
+            raise PrecisionError(
+                f"{when}: gradient of '{name}' is {param.grad.dtype}, expected {param_dtype} ({policy})"
+            )
     if optimizer is None:
         return
     declared: torch.dtype | None = getattr(optimizer, "state_dtype", None)
@@ -85,7 +87,8 @@ def check_dtypes(
             for key, value in state.items():
                 if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != state_dtype:
                     raise PrecisionError(
-                        f"{when}: optimizer state '{key}' of '{name}' is {value.dtype}, expected {state_dtype} ({policy})"
+                        f"{when}: optimizer state '{key}' of '{name}' is {value.dtype}, "
+                        f"expected {state_dtype} ({policy})"
                     )
             if not state and param.is_floating_point():
                 future = declared if declared is not None else param.dtype

@@ -133,11 +133,39 @@ class SamplingConfig:
             raise ValueError("steps and num_prompts must be >= 1")
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation (SPEC §3: every 10k steps, held-out captions at bucket size, CFG 3.5, 50 steps).
+
+    Each evaluation reports the validation loss per timestep bin and every metric listed under
+    ``[metrics.<name>]``, computed from ``num_samples`` images generated from held-out captions.
+    """
+
+    #: Evaluate every N steps (0: never during training).
+    every: int = 0
+    #: Also evaluate when training finishes.
+    at_end: bool = True
+    num_samples: int = 64
+    #: Images generated per forward batch on each rank.
+    batch: int = 16
+    steps: int = 50
+    cfg: float = 3.5
+    #: Noise seed; sample i always gets the same noise, different from sample j.
+    seed: int = 1234
+    #: Validation loss is reported for this many equal-width t bins over (0, 1).
+    t_bins: int = 5
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.num_samples < 1 or self.batch < 1 or self.steps < 1 or self.t_bins < 1:
+            raise ValueError("every must be >= 0; num_samples, batch, steps and t_bins must be >= 1")
+
+
 CORE_SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "train": TrainConfig,
     "schedule": ScheduleConfig,
     "sampling": SamplingConfig,
+    "eval": EvalConfig,
 }
 TOP_LEVEL_SCALARS = ("name", "seed", "description", "extends")
 #: Slot defaults: core's builtins (DESIGN principle 2). Slots without a default must be chosen.
@@ -174,7 +202,9 @@ class Recipe:
     train: TrainConfig
     schedule: ScheduleConfig
     sampling: SamplingConfig
+    eval: EvalConfig
     slots: dict[str, SlotChoice]
+    metrics: dict[str, SlotChoice]
     plugins: dict[str, Any]
     source: Path | None
     overrides: list[str]
@@ -192,6 +222,11 @@ class Recipe:
         for slot, choice in self.slots.items():
             table = {"use": choice.use, **to_table(choice.config)}
             out[slot] = {k: v for k, v in table.items() if v is not None}
+        if self.metrics:
+            out["metrics"] = {
+                n: {k: v for k, v in to_table(c.config).items() if v is not None}
+                for n, c in sorted(self.metrics.items())
+            }
         if self.plugins:
             out["plugins"] = {
                 n: {k: v for k, v in to_table(c).items() if v is not None} for n, c in sorted(self.plugins.items())
@@ -308,7 +343,7 @@ def _table(raw: RawRecipe, key: str) -> dict[str, Any]:
 
 
 def validate(raw: RawRecipe) -> Recipe:
-    allowed = (*TOP_LEVEL_SCALARS, *CORE_SECTIONS, *RECIPE_SLOTS, "plugins")
+    allowed = (*TOP_LEVEL_SCALARS, *CORE_SECTIONS, *RECIPE_SLOTS, "plugins", "metrics")
     for key in raw.data:
         if key not in allowed:
             raise RecipeError(f"{raw.where(key)}: unknown key '{key}'{suggest(key, allowed)}")
@@ -344,13 +379,25 @@ def validate(raw: RawRecipe) -> Recipe:
         if not isinstance(ptable, Mapping):
             raise RecipeError(f"{raw.where('plugins.' + pname)}: 'plugins.{pname}' must be a table")
 
-    active = activate(choices, plugin_tables, where=str(raw.source or "recipe"))
+    metric_tables = _table(raw, "metrics")
+    for mname, mtable in metric_tables.items():
+        if not isinstance(mtable, Mapping):
+            raise RecipeError(f"{raw.where('metrics.' + mname)}: 'metrics.{mname}' must be a table")
+
+    active = activate(choices, plugin_tables, where=str(raw.source or "recipe"), metric_names=list(metric_tables))
 
     slots: dict[str, SlotChoice] = {}
     for slot, use in choices.items():
         entry = active.registries[slot].get(use, where=raw.where(f"{slot}.use"))
         table = {k: v for k, v in _table(raw, slot).items() if k != "use"}
         slots[slot] = SlotChoice(use, bind(entry.config, table, prefix=slot, where=raw.where), entry.plugin)
+
+    metrics: dict[str, SlotChoice] = {}
+    for mname, mtable in sorted(metric_tables.items()):
+        entry = active.registries["metric"].get(mname, where=raw.where(f"metrics.{mname}"))
+        metrics[mname] = SlotChoice(
+            mname, bind(entry.config, mtable, prefix=f"metrics.{mname}", where=raw.where), entry.plugin
+        )
 
     plugins: dict[str, Any] = {}
     for pname, ptable in sorted(plugin_tables.items()):
@@ -370,7 +417,9 @@ def validate(raw: RawRecipe) -> Recipe:
         train=sections["train"],
         schedule=sections["schedule"],
         sampling=sections["sampling"],
+        eval=sections["eval"],
         slots=slots,
+        metrics=metrics,
         plugins=plugins,
         source=raw.source,
         overrides=list(raw.overrides),
@@ -383,13 +432,15 @@ def validate(raw: RawRecipe) -> Recipe:
 def capabilities(recipe: Recipe) -> set[str]:
     caps = {f"{slot}:{choice.use}" for slot, choice in recipe.slots.items()}
     caps |= {f"plugin:{name}" for name in recipe.plugins}
+    caps |= {f"metric:{name}" for name in recipe.metrics}
     return caps
 
 
 def check_compatibility(recipe: Recipe, raw: RawRecipe) -> None:
     """Cross-plugin checks that need no model: requires/conflicts and tensor shapes."""
     caps = capabilities(recipe)
-    involved = {c.plugin for c in recipe.slots.values()} | set(recipe.plugins)
+    involved = {c.plugin for c in recipe.slots.values()} | {c.plugin for c in recipe.metrics.values()}
+    involved |= set(recipe.plugins)
     for pname in sorted(involved):
         info = recipe.active.infos[pname]
         missing = [r for r in info.requires if r not in caps]

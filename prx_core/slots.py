@@ -173,18 +173,39 @@ class DataSource(Protocol):
         """Captions never used for training, for sample grids and evaluation."""
         ...
 
+    def held_out(self, start: int, n: int) -> RawBatch:
+        """Held-out images (float32 in [0, 1]) with their captions, items ``start .. start + n``.
+
+        The same items as :meth:`held_out_captions` in the same order, so evaluation can generate
+        from caption i and compare against real image i. Random access lets ranks split the set.
+        """
+        ...
+
 
 class Tracker(Protocol):
+    """Where metrics go. ``context`` distinguishes series with the same name (e.g.
+    ``{"subset": "eval", "t_bin": "0.2-0.4"}``); trackers without contexts fold it into the name."""
+
     def start(self, hparams: dict[str, Any], total_steps: int, first_step: int) -> None: ...
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int, context: dict[str, str] | None = None) -> None: ...
     def log_image(self, name: str, path: str, step: int) -> None: ...
     def close(self) -> None: ...
 
 
 class Metric(Protocol):
-    name: str
+    """An evaluation metric, split so that ranks share the work.
 
-    def compute(self, generated_BCHW: torch.Tensor, reference_BCHW: torch.Tensor | None) -> float: ...
+    ``features`` runs on every rank on its share of generated (and, when ``needs_reference``,
+    real) images in [0, 1] with their prompts, returning one row per image; core gathers the rows
+    from all ranks and rank 0 calls ``score`` once on the whole set.
+    """
+
+    name: str
+    needs_reference: bool
+
+    def features(self, images_BCHW: torch.Tensor, prompts: list[str]) -> torch.Tensor: ...
+
+    def score(self, generated_ND: torch.Tensor, reference_ND: torch.Tensor | None) -> dict[str, float]: ...
 
 
 #: ``predict(x_t, t, states, mask) -> model output`` with the sampling weights.

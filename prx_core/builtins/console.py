@@ -33,7 +33,16 @@ class ConsoleTracker:
 
             self.bar = tqdm(total=total_steps, initial=first_step, desc=str(hparams.get("name", "train")), unit="step")
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, context: dict[str, str] | None = None) -> None:
+        if context:  # evaluation results: one line each, whatever the display
+            where = ",".join(f"{k}={v}" for k, v in sorted(context.items()))
+            text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            message = f"step {step} [{where}] {text}"
+            if self.bar is not None:
+                self.bar.write(message)
+            else:
+                self.logger.info(message)
+            return
         shown = {k: v for k, v in metrics.items() if k in ("loss", "lr", "grad_norm", "steps_per_s")}
         if self.bar is not None:
             self.bar.update(step - self.bar.n)

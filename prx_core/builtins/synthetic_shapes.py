@@ -61,6 +61,16 @@ class SyntheticShapesSource:
     def held_out_captions(self, n: int) -> list[str]:
         return [scene.captions["long"] for scene in self.shapes.held_out_scenes(n)]
 
+    def held_out(self, start: int, n: int) -> Any:
+        import torch
+
+        from prx_core.data.synthetic_shapes import render_scene
+        from prx_core.slots import RawBatch
+
+        scenes = self.shapes.held_out_scenes(start + n)[start:]
+        images_BCHW = torch.stack([render_scene(scene, self.config.size) for scene in scenes])
+        return RawBatch(images_BCHW=images_BCHW, captions=[scene.captions["long"] for scene in scenes])
+
 
 INFO = PluginInfo(
     name="synthetic_shapes",
