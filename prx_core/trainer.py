@@ -46,7 +46,7 @@ from prx_core.hookspecs import LossTerm
 from prx_core.images import save_grid
 from prx_core.keys import Stash
 from prx_core.recipe import Recipe
-from prx_core.rundir import METRICS_FILE, truncate_metrics, write_atomic, write_run_files
+from prx_core.rundir import METRICS_FILE, environment, git_sha, truncate_metrics, write_atomic, write_run_files
 from prx_core.sampling import euler_sample
 from prx_core.schedules import lr_multiplier
 from prx_core.seeding import derive_seed, generator_for
@@ -189,6 +189,9 @@ class Trainer:
         self.pm = recipe.active.manager
         # Precision first: every other builder asks it for dtypes.
         run.precision = self._build_slot("precision")
+        warning = getattr(run.precision, "warning", None)
+        if warning:  # e.g. bf16_weights: a deliberate ablation must never look like a normal run
+            logger.warning("PRECISION POLICY '%s': %s", run.precision.name, warning)
         run.data = self._build_slot("data")
         run.latent_space = self._build_slot("latent_space")
         run.text_encoder = CachedTextEncoder(self._build_slot("text_encoder"))
@@ -288,7 +291,14 @@ class Trainer:
         train = recipe.train
         tracker = run.require("tracker")
         if main:
-            hparams = {**recipe.resolved(), "precision_warning": getattr(run.precision, "warning", None) or ""}
+            hparams = {
+                "name": recipe.name,
+                "recipe": recipe.resolved(),
+                "plugins": recipe.active.versions_table(),
+                "git_sha": git_sha() or "",
+                "environment": environment(),
+                "precision_warning": getattr(run.precision, "warning", None) or "",
+            }
             self._track(tracker.start, hparams, train.steps, self.step)
         loss_sum = torch.zeros((), device=run.device)
         term_sums: dict[str, torch.Tensor] = {}
