@@ -3,8 +3,11 @@
     prx-run RECIPE [--set KEY=VALUE ...] [--run-dir DIR] [--resume auto|PATH] [--allow-drift]
     prx-run check PATH [PATH ...] [--set KEY=VALUE ...]
     prx-run plugins
+    prx-run sample RUN_DIR --prompt TEXT [--prompt TEXT ...] [--steps N --cfg S --seed N --size PX]
+    prx-run eval RUN_DIR [--checkpoint PATH]
+    prx-run export RUN_DIR OUT [--checkpoint PATH] [--weights sampling|trained]
 
-Torch is imported only by the training command, so ``check`` and ``plugins`` answer fast.
+Torch is imported only by the commands that need it, so ``check`` and ``plugins`` answer fast.
 """
 
 from __future__ import annotations
@@ -14,10 +17,14 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prx_core.config import RecipeError
 
-COMMANDS = ("check", "plugins")
+if TYPE_CHECKING:  # torch-free import of the CLI: the trainer is imported where it is used
+    from prx_core.trainer import Trainer
+
+COMMANDS = ("check", "plugins", "sample", "eval", "export")
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -159,12 +166,120 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
+def _run_parser(command: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"prx-run {command}", description=description)
+    parser.add_argument("run_dir", type=Path, help="a run directory written by prx-run")
+    parser.add_argument("--checkpoint", type=Path, help="a checkpoint folder (default: the newest valid one)")
+    return parser
+
+
+def _open_run(run_dir: Path, checkpoint: Path | None) -> Trainer:
+    """A trainer restored from a run directory's resolved recipe and a checkpoint."""
+    from prx_core.recipe import load
+    from prx_core.trainer import Trainer
+
+    recipe_file = run_dir / "recipe.toml"
+    if not recipe_file.is_file():
+        raise RecipeError(f"{run_dir} is not a run directory: {recipe_file} is missing")
+    trainer = Trainer(load(recipe_file), run_dir, resume=str(checkpoint or run_dir))
+    trainer.setup()
+    return trainer
+
+
+def cmd_sample(argv: list[str]) -> int:
+    parser = _run_parser("sample", "Generate images from a trained run.")
+    parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    parser.add_argument("--steps", type=int, help="Euler steps (default: the recipe's sampling.steps)")
+    parser.add_argument("--cfg", type=float, help="guidance scale (default: the recipe's sampling.cfg)")
+    parser.add_argument("--seed", type=int, help="noise seed (default: the recipe's sampling.seed)")
+    parser.add_argument("--size", type=int, help="image side in pixels (default: the training size)")
+    parser.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/samples/cli)")
+    args = parser.parse_args(argv)
+    _setup_logging(quiet=True)
+    from prx_core.images import save_grid
+    from prx_core.trainer import TrainingError
+
+    try:
+        trainer = _open_run(args.run_dir, args.checkpoint)
+    except (RecipeError, TrainingError, RuntimeError) as err:
+        print(f"prx-run sample: {err}", file=sys.stderr)
+        return 1
+    sampling = trainer.recipe.sampling
+    size = args.size or int(getattr(trainer.recipe.slot_config("data"), "size", 256))
+    images = trainer.generate(
+        args.prompt,
+        args.steps or sampling.steps,
+        sampling.cfg if args.cfg is None else args.cfg,
+        sampling.seed if args.seed is None else args.seed,
+        size,
+    )
+    out = args.out or args.run_dir / "samples" / "cli"
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (image, prompt) in enumerate(zip(images, args.prompt, strict=True)):
+        path = save_grid(image[None], out / f"sample_{i:03d}.png", pad=0, min_tile=1)
+        print(f"{path}\t{prompt}")
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    args = _run_parser("eval", "Compute the recipe's evaluation on a checkpoint.").parse_args(argv)
+    _setup_logging(quiet=True)
+    import json
+
+    from prx_core.trainer import TrainingError
+
+    try:
+        trainer = _open_run(args.run_dir, args.checkpoint)
+    except (RecipeError, TrainingError, RuntimeError) as err:
+        print(f"prx-run eval: {err}", file=sys.stderr)
+        return 1
+    results = trainer.evaluate()
+    out = args.run_dir / "eval" / f"step_{trainer.step:08d}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"step": trainer.step, **results}, indent=2) + "\n", encoding="utf-8")
+    for key, value in results.items():
+        print(f"{key}\t{value:.6g}")
+    print(f"written to {out}")
+    return 0
+
+
+def cmd_export(argv: list[str]) -> int:
+    parser = _run_parser("export", "Write the denoiser as a diffusers folder (OUT/transformer).")
+    parser.add_argument("out", type=Path, help="output folder")
+    parser.add_argument(
+        "--weights",
+        choices=("sampling", "trained"),
+        default="sampling",
+        help="'sampling': the weights samples are made with (EMA when on); 'trained': the raw weights",
+    )
+    args = parser.parse_args(argv)
+    _setup_logging(quiet=True)
+    from prx_core.denoiser import export_diffusers
+    from prx_core.trainer import TrainingError
+
+    try:
+        trainer = _open_run(args.run_dir, args.checkpoint)
+    except (RecipeError, TrainingError, RuntimeError) as err:
+        print(f"prx-run export: {err}", file=sys.stderr)
+        return 1
+    modules = trainer.sampling_modules() if args.weights == "sampling" else trainer.run.require("trainable")
+    path = export_diffusers(modules.model, args.out / "transformer")
+    print(f"{path}: load with PRXTransformer2DModel.from_pretrained")
+    latent, text = trainer.recipe.slots["latent_space"].use, trainer.recipe.slots["text_encoder"].use
+    print(
+        f"no PRXPipeline folder: latent space '{latent}' and text encoder '{text}' are not PRXPipeline components "
+        "(it needs a diffusers VAE and the T5-Gemma encoder)"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"check": cmd_check, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export}
     if argv and argv[0] == "plugins":
         return cmd_plugins()
-    if argv and argv[0] == "check":
-        return cmd_check(argv[1:])
+    if argv and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
     return cmd_train(argv)
 
 

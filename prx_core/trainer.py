@@ -351,6 +351,8 @@ class Trainer:
                     window_steps, window_start = 0, time.perf_counter()
                 if train.sample_every and self.step % train.sample_every == 0 and self.step < train.steps:
                     self.write_samples(self.step)
+                if recipe.eval.every and self.step % recipe.eval.every == 0 and self.step < train.steps:
+                    self.evaluate_and_log(self.step)
                 if self.step % train.checkpoint_every == 0 or self.step == train.steps:
                     self.save()
             if self.stop_requested and self.step < train.steps:
@@ -359,6 +361,8 @@ class Trainer:
                     self.save()
         if self.step >= train.steps:
             self.write_samples(self.step)
+            if recipe.eval.at_end:
+                self.evaluate_and_log(self.step)
             self._export()
         if main:
             self._track(tracker.close)
@@ -528,8 +532,21 @@ class Trainer:
         return answers[0] if answers else None
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], steps: int, cfg: float, seed: int, size: int) -> torch.Tensor:
-        """Images in [0, 1] for ``prompts``; sample i's noise depends only on (seed, i)."""
+    def generate(
+        self,
+        prompts: list[str],
+        steps: int,
+        cfg: float,
+        seed: int,
+        size: int,
+        noise_indices: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Images in [0, 1] for ``prompts``.
+
+        Prompt i's noise depends only on (seed, noise_indices[i]) (default: i), so an image does not
+        change with the batch it is generated in, and different items get different noise.
+        """
+        indices = noise_indices if noise_indices is not None else list(range(len(prompts)))
         run = self.run
         latent = run.require("latent_space")
         objective = run.require("objective")
@@ -538,10 +555,7 @@ class Trainer:
         modules.eval()
         side = size // latent.spatial_compression
         noise_BCHW = torch.stack(
-            [
-                torch.randn(latent.channels, side, side, generator=generator_for(seed, "sample", i))
-                for i in range(len(prompts))
-            ]
+            [torch.randn(latent.channels, side, side, generator=generator_for(seed, "sample", i)) for i in indices]
         ).to(run.device, run.require("precision").param_dtype)
         states, mask = run.require("text_encoder").encode(prompts)
         cond = (states.to(noise_BCHW.dtype), mask)
@@ -582,6 +596,33 @@ class Trainer:
         write_atomic(out_dir / f"step_{step:08d}.txt", "".join(f"{i}: {p}\n" for i, p in enumerate(prompts)))
         self._track(self.run.require("tracker").log_image, "samples", str(path), step)
         return path
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss per t bin and the recipe's metrics on held-out data (all ranks call it)."""
+        from prx_core.evaluation import evaluate
+
+        return evaluate(self)
+
+    def evaluate_and_log(self, step: int) -> dict[str, float]:
+        results = self.evaluate()
+        if self.dist.is_main:
+            with (self.run_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": step, "time": time.time(), **results}) + "\n")
+            tracker = self.run.require("tracker")
+            for key, value in results.items():
+                # "eval/loss/t0.2-0.4" -> name "loss", context {"subset": "eval", "t_bin": "0.2-0.4"}
+                parts = key.split("/")
+                context = {"subset": "eval"}
+                if parts[-1].startswith("t") and parts[1] == "loss":
+                    context["t_bin"] = parts[-1][1:]
+                    name = "loss"
+                else:
+                    name = "/".join(parts[1:])
+                self._track(tracker.log_metrics, {name: value}, step, context)
+            logger.info("eval at step %d: %s", step, " ".join(f"{k}={v:.4g}" for k, v in results.items()))
+        return results
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -1,0 +1,122 @@
+"""Evaluation: validation loss per timestep bin and the recipe's metrics (SPEC §3, §6).
+
+Every rank takes a strided share of the held-out items (captions and real images), generates
+its images with per-item seeded noise, and computes metric features; rank 0 scores the gathered
+features. Results are keyed ``eval/loss/t<lo>-<hi>``, ``eval/loss`` and ``eval/<metric>``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from prx_core.context import ForwardContext, StepContext
+from prx_core.flow import interpolate
+from prx_core.keys import Stash
+from prx_core.seeding import generator_for
+
+if TYPE_CHECKING:
+    from prx_core.trainer import Trainer
+
+
+def _gather_rows(trainer: Trainer, rows: list[torch.Tensor]) -> torch.Tensor | None:
+    """Concatenate every rank's feature rows on rank 0 (None elsewhere), in rank order."""
+    local = torch.cat(rows) if rows else torch.zeros(0)
+    if not trainer.dist.active:
+        return local
+    gathered: list[Any] = [None] * trainer.dist.world_size
+    dist.all_gather_object(gathered, local.cpu())
+    return torch.cat([g for g in gathered if g.numel()]) if trainer.dist.is_main else None
+
+
+@torch.no_grad()
+def validation_loss(trainer: Trainer, indices: list[int]) -> dict[str, float]:
+    """Objective loss on held-out images at fixed t per bin, fixed noise per item."""
+    run, ev = trainer.run, trainer.recipe.eval
+    objective, precision = run.require("objective"), run.require("precision")
+    data = run.require("data")
+    sums = torch.zeros(ev.t_bins, dtype=torch.float64)
+    count = 0
+    for start in range(0, len(indices), ev.batch):
+        chunk = indices[start : start + ev.batch]
+        batches = [data.held_out(i, 1) for i in chunk]
+        images_BCHW = torch.cat([b.images_BCHW for b in batches]).to(run.device)
+        captions = [c for b in batches for c in b.captions]
+        x0 = run.require("latent_space").encode(images_BCHW, None).to(precision.param_dtype)
+        text, mask = run.require("text_encoder").encode(captions)
+        text = text.to(precision.param_dtype)
+        noise = torch.stack(
+            [torch.randn(x0.shape[1:], generator=generator_for(ev.seed, "val", i), dtype=x0.dtype) for i in chunk]
+        ).to(run.device)
+        for b in range(ev.t_bins):
+            t_B = torch.full((len(chunk),), (b + 0.5) / ev.t_bins, device=run.device)
+            x_t = interpolate(x0, noise, t_B)
+            stash = Stash()
+            ctx = ForwardContext(stash=stash, generator=None, training=False, extras=run.require("trainable").extras)
+            with precision.autocast(run.device):
+                prediction = trainer.forward_module(x_t, t_B, text, mask, ctx)
+            step = StepContext(
+                run=run,
+                step=trainer.step,
+                micro_step=0,
+                images_BCHW=images_BCHW,
+                x0_BCHW=x0,
+                noise_BCHW=noise,
+                t_B=t_B,
+                x_t_BCHW=x_t,
+                text_BLD=text,
+                mask_BL=mask,
+                stash=stash,
+                generator=generator_for(ev.seed, "val-step"),
+                prediction_BCHW=prediction,
+            )
+            sums[b] += objective.loss(step, prediction).double().sum().cpu()
+        count += len(chunk)
+    totals = torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64)])
+    if trainer.dist.active:
+        dist.all_reduce(totals)
+    per_bin = totals[:-1] / totals[-1]
+    out = {}
+    for b in range(ev.t_bins):
+        lo, hi = b / ev.t_bins, (b + 1) / ev.t_bins
+        out[f"eval/loss/t{lo:.2f}-{hi:.2f}"] = float(per_bin[b])
+    out["eval/loss"] = float(per_bin.mean())
+    return out
+
+
+def evaluate(trainer: Trainer) -> dict[str, float]:
+    run, recipe = trainer.run, trainer.recipe
+    ev = recipe.eval
+    rank, world = trainer.dist.rank, trainer.dist.world_size
+    mine = list(range(rank, ev.num_samples, world))
+    was_training = run.require("trainable").training
+    run.require("trainable").eval()
+    results = validation_loss(trainer, mine)
+    metrics = {
+        name: run.recipe.active.registries["metric"].get(name).factory(choice.config, run)
+        for name, choice in sorted(recipe.metrics.items())
+    }
+    if metrics:
+        data = run.require("data")
+        size = int(getattr(recipe.slot_config("data"), "size", 256))
+        generated: dict[str, list[torch.Tensor]] = {n: [] for n in metrics}
+        reference: dict[str, list[torch.Tensor]] = {n: [] for n in metrics}
+        for start in range(0, len(mine), ev.batch):
+            chunk = mine[start : start + ev.batch]
+            batches = [data.held_out(i, 1) for i in chunk]
+            prompts = [c for b in batches for c in b.captions]
+            real = torch.cat([b.images_BCHW for b in batches])
+            images = trainer.generate(prompts, ev.steps, ev.cfg, ev.seed, size, noise_indices=chunk)
+            for name, metric in metrics.items():
+                generated[name].append(metric.features(images, prompts).float().cpu())
+                if metric.needs_reference:
+                    reference[name].append(metric.features(real, prompts).float().cpu())
+        for name, metric in metrics.items():
+            gen = _gather_rows(trainer, generated[name])
+            ref = _gather_rows(trainer, reference[name]) if metric.needs_reference else None
+            if gen is not None:
+                results.update({f"eval/{k}": float(v) for k, v in metric.score(gen, ref).items()})
+    run.require("trainable").train(was_training)
+    return results
