@@ -88,6 +88,10 @@ class TrainConfig:
     parallel: Literal["ddp", "fsdp2"] = "ddp"
     #: Non-finite loss or gradient: "halt" stops before the optimizer step; "skip" drops the step.
     nonfinite: Literal["halt", "skip"] = "halt"
+    #: Count the FLOPs of one real step at start (one extra forward/backward) to report MFU.
+    count_flops: bool = True
+    #: Peak FLOP/s of one device in TFLOP/s for MFU; None: known GPUs' bf16 peak, no MFU on CPU.
+    peak_tflops: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "log_every", "checkpoint_every"):

@@ -52,6 +52,7 @@ from prx_core.schedules import lr_multiplier
 from prx_core.seeding import derive_seed, generator_for
 from prx_core.slots import BatchRequest, Guidance
 from prx_core.text_cache import CachedTextEncoder
+from prx_core.throughput import count_step_flops, peak_flops, peak_memory_gb
 
 logger = logging.getLogger("prx")
 
@@ -300,6 +301,8 @@ class Trainer:
                 "precision_warning": getattr(run.precision, "warning", None) or "",
             }
             self._track(tracker.start, hparams, train.steps, self.step)
+        step_flops = self._count_step_flops() if train.count_flops and self.step < train.steps else None
+        device_peak = peak_flops(run.device, train.peak_tflops)
         loss_sum = torch.zeros((), device=run.device)
         term_sums: dict[str, torch.Tensor] = {}
         window_steps, window_start = 0, time.perf_counter()
@@ -329,9 +332,15 @@ class Trainer:
                             f"loss/{k}": mean_across_ranks(self.dist, v).item() / window_steps
                             for k, v in sorted(term_sums.items())
                         },
+                        "batches_per_s": window_steps / elapsed,
+                        "peak_mem_gb": peak_memory_gb(run.device),
                         "nonfinite_skipped": float(self.nonfinite_skipped),
                         "loss_spikes": float(self.spikes.count),
                     }
+                    if step_flops is not None:
+                        metrics["tflops_per_s_per_device"] = step_flops * metrics["steps_per_s"] / 1e12
+                        if device_peak:
+                            metrics["mfu"] = step_flops * metrics["steps_per_s"] / device_peak
                     if self.spikes.update(metrics["loss"]):
                         metrics["loss_spikes"] = float(self.spikes.count)
                         logger.warning(
@@ -369,6 +378,14 @@ class Trainer:
         if self.tracker_failures:
             logger.warning("the tracker failed %d time(s); metrics.jsonl has the full record", self.tracker_failures)
         return FitResult(self.step, last_loss, self.run_dir, self.step < train.steps)
+
+    def _count_step_flops(self) -> int:
+        """FLOPs per optimizer step on this rank, counted once on a real micro-step."""
+        self.run.require("trainable").train()
+        flops = count_step_flops(lambda: self.micro_step(self.step, 0)[0])
+        self.optimizer.zero_grad(set_to_none=True)
+        logger.info("counted %.3g FLOPs per optimizer step per device (forward + backward)", flops * self.accumulation)
+        return flops * self.accumulation
 
     @contextmanager
     def _metrics_file(self) -> Iterator[Any]:

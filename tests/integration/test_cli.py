@@ -195,3 +195,12 @@ def test_shipped_quickstart_recipe_runs_a_few_steps(tmp_path: Path) -> None:
     )
     assert "finished step 3" in result.stdout
     assert (tmp_path / "qs" / "samples" / "step_00000003.png").exists()
+
+
+def test_throughput_is_logged_with_counted_flops(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, {"train": {"steps": 2, "peak_tflops": 0.5}, "eval": {"at_end": False}})
+    prx_run(str(recipe), "--run-dir", "run", cwd=tmp_path)
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("images_per_s", "batches_per_s", "tflops_per_s_per_device", "mfu", "peak_mem_gb"):
+        assert last[key] > 0, key
+    assert last["mfu"] == pytest.approx(last["tflops_per_s_per_device"] / 0.5)
