@@ -186,7 +186,7 @@ def _open_run(run_dir: Path, checkpoint: Path | None) -> Trainer:
     return trainer
 
 
-def cmd_sample(argv: list[str]) -> int:
+def sample_parser() -> argparse.ArgumentParser:
     parser = _run_parser("sample", "Generate images from a trained run.")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     parser.add_argument("--steps", type=int, help="Euler steps (default: the recipe's sampling.steps)")
@@ -194,7 +194,27 @@ def cmd_sample(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, help="noise seed (default: the recipe's sampling.seed)")
     parser.add_argument("--size", type=int, help="image side in pixels (default: the training size)")
     parser.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/samples/cli)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    return _run_parser("eval", "Compute the recipe's evaluation on a checkpoint.")
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = _run_parser("export", "Write the denoiser as a diffusers folder (OUT/transformer).")
+    parser.add_argument("out", type=Path, help="output folder")
+    parser.add_argument(
+        "--weights",
+        choices=("sampling", "trained"),
+        default="sampling",
+        help="'sampling': the weights samples are made with (EMA when on); 'trained': the raw weights",
+    )
+    return parser
+
+
+def cmd_sample(argv: list[str]) -> int:
+    args = sample_parser().parse_args(argv)
     _setup_logging(quiet=True)
     from prx_core.images import save_grid
     from prx_core.trainer import TrainingError
@@ -222,7 +242,7 @@ def cmd_sample(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    args = _run_parser("eval", "Compute the recipe's evaluation on a checkpoint.").parse_args(argv)
+    args = eval_parser().parse_args(argv)
     _setup_logging(quiet=True)
     import json
 
@@ -244,15 +264,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_export(argv: list[str]) -> int:
-    parser = _run_parser("export", "Write the denoiser as a diffusers folder (OUT/transformer).")
-    parser.add_argument("out", type=Path, help="output folder")
-    parser.add_argument(
-        "--weights",
-        choices=("sampling", "trained"),
-        default="sampling",
-        help="'sampling': the weights samples are made with (EMA when on); 'trained': the raw weights",
-    )
-    args = parser.parse_args(argv)
+    args = export_parser().parse_args(argv)
     _setup_logging(quiet=True)
     from prx_core.denoiser import export_diffusers
     from prx_core.trainer import TrainingError

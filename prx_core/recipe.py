@@ -398,7 +398,7 @@ def validate(raw: RawRecipe) -> Recipe:
 
     metrics: dict[str, SlotChoice] = {}
     for mname, mtable in sorted(metric_tables.items()):
-        entry = active.registries["metric"].get(mname, where=raw.where(f"metrics.{mname}"))
+        entry = active.registries["metric"].get(mname, where=raw.where(f"metrics.{mname}"), key=f"metrics.{mname}")
         metrics[mname] = SlotChoice(
             mname, bind(entry.config, mtable, prefix=f"metrics.{mname}", where=raw.where), entry.plugin
         )

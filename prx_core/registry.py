@@ -69,13 +69,14 @@ class SlotRegistry(Generic[T]):
             )
         self._entries[entry.name] = entry
 
-    def get(self, name: str, where: str = "recipe") -> Entry[T]:
+    def get(self, name: str, where: str = "recipe", key: str | None = None) -> Entry[T]:
+        """The entry called ``name``; ``key`` is the recipe key that named it, for the message."""
         try:
             return self._entries[name]
         except KeyError:
             known = sorted(self._entries)
             raise RecipeError(
-                f"{where}: '{self.slot}.use' names unknown {self.slot} '{name}'{suggest(name, known)} "
+                f"{where}: '{key or self.slot + '.use'}' names unknown {self.slot} '{name}'{suggest(name, known)} "
                 f"(available: {', '.join(known) or 'none'}; an installed plugin is only loaded when "
                 "a recipe names it)"
             ) from None

@@ -98,6 +98,11 @@ def test_shell_blocks_name_things_that_exist(where: str, body: str) -> None:
         elif words[0] == "prx-run":
             if words[1] == "plugins":
                 continue
+            if words[1] in ("sample", "eval", "export"):
+                from prx_core import cli
+
+                getattr(cli, f"{words[1]}_parser")().parse_args(words[2:])
+                continue
             if words[1] == "check":
                 args = _check_parser().parse_args(words[2:])
                 assert all((ROOT / p).exists() for p in args.paths), f"{where}: {args.paths}"
