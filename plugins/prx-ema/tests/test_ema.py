@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import gc
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -47,7 +48,7 @@ def _set(live: TrainableModules, w: float, extra: list[float], running: float, c
 
 
 def _fp32_policy() -> SimpleNamespace:
-    return SimpleNamespace(param_dtype=torch.get_default_dtype())
+    return SimpleNamespace(param_dtype=torch.float32, state_dtype=torch.float32)
 
 
 def test_two_updates_every_two_match_hand_computation() -> None:
@@ -101,9 +102,9 @@ def test_start_step_copies_until_then() -> None:
 
 def test_bf16_weights_keep_an_fp32_average() -> None:
     live = _tiny().to(torch.bfloat16)
-    policy = SimpleNamespace(param_dtype=torch.bfloat16)
+    policy = SimpleNamespace(param_dtype=torch.bfloat16, state_dtype=torch.float32)
     dtype = ema_dtype(policy)
-    assert dtype == torch.float32
+    assert dtype == torch.float32  # the policy's state dtype, not its weight dtype
     ema = make_ema_copy(live, dtype)
     assert all(p.dtype == torch.float32 for p in ema.parameters())
     assert ema.extras["extra"].count.dtype == torch.int64  # integer buffers keep their dtype
@@ -132,8 +133,8 @@ def test_chunked_conversion_matches_single_kernel(monkeypatch: pytest.MonkeyPatc
         assert torch.equal(a, b)
 
 
-def test_declared_policy_dtype_wins() -> None:
-    assert ema_dtype(SimpleNamespace(param_dtype=torch.float32, ema_dtype=torch.float64)) == torch.float64
+def test_ema_dtype_is_the_policy_state_dtype() -> None:
+    assert ema_dtype(SimpleNamespace(param_dtype=torch.float32, state_dtype=torch.float64)) == torch.float64
 
 
 def test_state_dict_round_trip_is_bitwise() -> None:
@@ -164,7 +165,8 @@ def test_config() -> None:
 
 
 def _ema_state(trainer: object) -> EmaState:
-    return prx_ema._STATES[id(trainer.run)]  # type: ignore[attr-defined]
+    state: EmaState = trainer.run.plugin_states[prx_ema.INFO.name]  # type: ignore[attr-defined]
+    return state
 
 
 def test_trainer_ema_tracks_all_trainable_weights(tmp_path: Path) -> None:
@@ -173,6 +175,12 @@ def test_trainer_ema_tracks_all_trainable_weights(tmp_path: Path) -> None:
     )
     live = trainer.run.require("trainable")
     init = [p.detach().clone() for p in live.parameters()]
+    # prx_before_training made the copy at setup, before any step, in the policy's state dtype.
+    at_setup = _ema_state(trainer).modules
+    assert at_setup is not None and at_setup is not live
+    assert {p.dtype for p in at_setup.parameters()} == {trainer.run.require("precision").state_dtype}
+    assert all(torch.equal(e, w) for e, w in zip(at_setup.parameters(), init, strict=True))
+    assert not any(p.requires_grad for p in at_setup.parameters())
     run_steps(trainer, 1)
     after_one = [p.detach().clone() for p in live.parameters()]
     run_steps(trainer, 1)
@@ -183,11 +191,10 @@ def test_trainer_ema_tracks_all_trainable_weights(tmp_path: Path) -> None:
     for e, w0, w1, w2 in zip(ema.parameters(), init, after_one, after_two, strict=True):
         torch.testing.assert_close(e, 0.5 * (0.5 * w0 + 0.5 * w1) + 0.5 * w2)
     # The state is per run and goes away with it.
-    key = id(trainer.run)
-    assert key in prx_ema._STATES
-    del trainer, live, ema
+    state = weakref.ref(_ema_state(trainer))
+    del trainer, live, ema, at_setup
     gc.collect()
-    assert key not in prx_ema._STATES
+    assert state() is None
 
 
 def test_resume_restores_ema_bitwise_and_continues_identically(tmp_path: Path) -> None:

@@ -120,7 +120,7 @@ def test_vec_seam_equals_diffusers_builtin_resolution_embeds() -> None:
 def test_vec_zero_init_is_a_bitwise_no_op() -> None:
     model = _model()
     x_t, t, text, mask = _inputs()
-    embedder = build_embedder("vec", HIDDEN, 10000, seed=0)
+    embedder = build_embedder("vec", HIDDEN, 10000)
     with torch.no_grad():
         without = denoise(model, x_t, t, text, mask, _ctx(None))
         with_seam = denoise(model, x_t, t, text, mask, _ctx(embedder), conditioning=[ResolutionSeam("vec")])
@@ -166,7 +166,7 @@ def test_token_mode_tells_portrait_from_landscape() -> None:
 def test_token_zero_init_tokens_are_zero_and_resolution_reaches_output_only_through_last_layer() -> None:
     model = _model()
     seam = [ResolutionSeam("token")]
-    embedder = build_embedder("token", HIDDEN, 10000, seed=0)
+    embedder = build_embedder("token", HIDDEN, 10000)
     small, large = _inputs(height=16, width=16), _inputs(height=16, width=32)
 
     def run(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -211,20 +211,6 @@ def test_seam_uses_the_module_of_the_weights_being_run() -> None:
     assert not torch.equal(va, vb)
     with pytest.raises(RuntimeError, match="no extra module 'resolution_aware'"):
         seam.condition(txt, None, vec, x_t, _ctx(None))
-
-
-def test_build_is_seeded_and_leaves_global_rng_alone() -> None:
-    torch.manual_seed(123)
-    state = torch.get_rng_state()
-    first = build_embedder("token", HIDDEN, 10000, seed=7)
-    assert torch.equal(torch.get_rng_state(), state)
-    torch.manual_seed(999)
-    second = build_embedder("token", HIDDEN, 10000, seed=7)
-    other = build_embedder("token", HIDDEN, 10000, seed=8)
-    for (name, p), q, r in zip(first.named_parameters(), second.parameters(), other.parameters(), strict=True):
-        assert torch.equal(p, q), name
-        if "in_layer" in name:
-            assert not torch.equal(p, r), name
 
 
 def _fake_run(mode: str, resolution_embeds: bool) -> SimpleNamespace:
@@ -292,3 +278,18 @@ def test_trainer_refuses_vec_with_resolution_embeds(tmp_path: Path) -> None:
     recipe = tiny_recipe(tmp_path / "r", {"model": {"resolution_embeds": True}, "plugins": {NAME: {"mode": "vec"}}})
     with pytest.raises(RecipeError, match="resolution_embeds"):
         make_trainer(recipe, tmp_path / "run")
+
+
+def test_trainer_init_depends_on_the_recipe_seed_only(tmp_path: Path) -> None:
+    """Plain init in prx_build_modules, made deterministic by core's per-plugin seeding."""
+
+    def embedder(name: str, seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed + 1000)  # whatever the global generator did before setup
+        recipe = tiny_recipe(tmp_path / name, {"seed": seed, "plugins": {NAME: {}}})
+        return make_trainer(recipe, tmp_path / f"run_{name}").run.require("trainable").extras[NAME]
+
+    first, again, other = embedder("a", 0), embedder("b", 0), embedder("c", 1)
+    for (name, p), q, r in zip(first.named_parameters(), again.parameters(), other.parameters(), strict=True):
+        assert torch.equal(p, q), name
+        if "in_layer" in name:
+            assert not torch.equal(p, r), name

@@ -3,15 +3,14 @@
 ema ← s·ema + (1 − s)·w every ``every`` optimizer steps, over the parameters *and* buffers of the
 whole ``run.trainable`` (the denoiser plus every plugin's extra modules, so a SPRINT fusion layer
 or a resolution embedder is averaged and used at sampling too, SPEC §7.8). The copy is kept in
-fp32 even when the weights are bf16, sampling and metrics use it, and it is checkpointed so a
-resume continues bitwise.
+the precision policy's ``state_dtype`` (fp32 even when the weights are bf16), sampling and metrics
+use it, and it is checkpointed so a resume continues bitwise.
 
 Importing this module is torch-free; the maths is in :mod:`prx_ema.ema`.
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,17 +22,16 @@ if TYPE_CHECKING:
 
     import torch
 
-    from prx_core.context import RunContext, StepContext
-    from prx_core.hookspecs import LossTerm
+    from prx_core.context import RunContext
     from prx_ema.ema import EmaState
 
 __all__ = [
     "INFO",
     "EMAConfig",
     "prx_after_optimizer_step",
+    "prx_before_training",
     "prx_checkpoint_state",
     "prx_configure",
-    "prx_loss_terms",
     "prx_sampling_model",
 ]
 
@@ -69,27 +67,21 @@ INFO = PluginInfo(
     config=EMAConfig,
 )
 
-# One EMA per run. RunContext is an unhashable dataclass, so the key is its id; a finalizer drops
-# the entry when the run is garbage-collected (the state never refers back to the run, so it
-# cannot keep the run alive), and a new run with a recycled id replaces it in prx_configure.
-_STATES: dict[int, EmaState] = {}
-
 
 def _state(run: RunContext) -> EmaState:
-    state = _STATES.get(id(run))
-    if state is None:
+    """The run's EMA (settings only until :meth:`EmaState.ensure` makes the copy)."""
+
+    def create() -> EmaState:
         from prx_ema.ema import EmaState, ema_dtype
 
         config: EMAConfig = run.plugin_config(INFO.name)
-        state = EmaState(config.decay, config.every, config.start_step, ema_dtype(run.require("precision")))
-        _STATES[id(run)] = state
-        weakref.finalize(run, _STATES.pop, id(run), None)
-    return state
+        return EmaState(config.decay, config.every, config.start_step, ema_dtype(run.require("precision")))
+
+    return run.plugin_state(INFO.name, create)
 
 
 @hookimpl
 def prx_configure(run: RunContext) -> None:
-    _STATES.pop(id(run), None)
     state = _state(run)
     run.logger.info(
         "ema: decay %s every %d step(s), starting at step %d, kept in %s",
@@ -101,12 +93,11 @@ def prx_configure(run: RunContext) -> None:
 
 
 @hookimpl
-def prx_loss_terms(step: StepContext) -> list[LossTerm] | None:
-    # Not a loss: this is the earliest hook that sees the complete trainable modules (extras
-    # included) *before* the first optimizer step, so the average starts from the initial
-    # weights like timm's and composer's EMA. Later calls find the copy already made.
-    _state(step.run).ensure(step.run.require("trainable"))
-    return None
+def prx_before_training(run: RunContext) -> None:
+    # The trainable modules (extras included) are complete and no optimizer step has run, so the
+    # average starts from the initial weights, like timm's and composer's EMA. On resume the
+    # checkpoint's average overwrites this copy right after (core's _load).
+    _state(run).ensure(run.require("trainable"))
 
 
 @hookimpl
@@ -122,7 +113,7 @@ def prx_sampling_model(run: RunContext) -> torch.nn.Module | None:
 @hookimpl
 def prx_checkpoint_state(run: RunContext) -> Mapping[str, Any] | None:
     state = _state(run)
-    # On resume this runs after the trained weights are loaded; the copy made here is then
-    # overwritten by the saved average.
+    # prx_before_training normally made the copy already; ensure() covers a caller that asks
+    # earlier (it needs a module to load a saved average into).
     state.ensure(run.require("trainable"))
     return {CHECKPOINT_KEY: state}

@@ -12,24 +12,18 @@ import torch
 _CHUNK_ELEMENTS = 1 << 26
 
 
-class _HasWeightDtype(Protocol):
-    param_dtype: torch.dtype
+class _HasStateDtype(Protocol):
+    state_dtype: torch.dtype
 
 
-def ema_dtype(precision: _HasWeightDtype) -> torch.dtype:
-    """The dtype the average is kept in: fp32 for the bf16 and fp32 policies, never hard-coded.
+def ema_dtype(precision: _HasStateDtype) -> torch.dtype:
+    """The dtype the average is kept in: the precision policy's ``state_dtype``, never hard-coded.
 
-    A policy that declares ``ema_dtype`` decides. Core's :class:`~prx_core.slots.PrecisionPolicy`
-    does not have that attribute yet, so otherwise the weight dtype is promoted with torch's
-    default float dtype (fp32 unless a user changed it): never narrower than the weights, and
-    fp32 when they are bf16. That matters (SPEC §4): with s = 0.999 each update moves the
-    average by 0.1% of its gap to the weights, below bf16's relative resolution of 2⁻⁸ ≈ 0.4%,
-    so a bf16 average would stop moving.
+    That is fp32 in every shipped policy, bf16 weights included, and it has to be (SPEC §4): with
+    s = 0.999 each update moves the average by 0.1% of its gap to the weights, below bf16's
+    relative resolution of 2⁻⁸ ≈ 0.4%, so a bf16 average would stop moving.
     """
-    declared = getattr(precision, "ema_dtype", None)
-    if declared is not None:
-        return declared
-    return torch.promote_types(precision.param_dtype, torch.get_default_dtype())
+    return precision.state_dtype
 
 
 def make_ema_copy(live: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -13,13 +13,12 @@ span covers ``layer``: at setup when the router is configured, and again at loss
 plan covers the layer. The attention projector works on any subset of tokens.
 
 Importing this module is torch-free. The teacher is loaded in :func:`prx_configure` through
-:mod:`prx_core.vision`, kept per run, never returned from ``prx_build_modules`` and never saved
-in checkpoints (SPEC §7.9). The projector is ``run.trainable.extras["irepa"]``.
+:mod:`prx_core.vision`, kept in ``run.plugin_state``, never returned from ``prx_build_modules``
+and never saved in checkpoints (SPEC §7.9). The projector is ``run.trainable.extras["irepa"]``.
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,7 +32,7 @@ if TYPE_CHECKING:
     from prx_core.context import RunContext, StepContext
     from prx_core.vision import FrozenEncoder
 
-__all__ = ["INFO", "IrepaConfig", "prx_build_modules", "prx_configure", "prx_loss_terms"]
+__all__ = ["INFO", "IrepaConfig", "loaded_teacher", "prx_build_modules", "prx_configure", "prx_loss_terms"]
 
 
 @dataclass(frozen=True)
@@ -85,21 +84,19 @@ INFO = PluginInfo(
 )
 
 
-@dataclass
-class _State:
-    teacher: FrozenEncoder
+def loaded_teacher(run: RunContext) -> FrozenEncoder:
+    """The run's frozen teacher, loaded on first use (in ``prx_configure``, so a bad path fails at setup)."""
 
+    def load() -> FrozenEncoder:
+        from prx_core.vision import load_frozen_encoder
 
-#: Per-run state, keyed by ``id(run)``: RunContext is an unhashable dataclass, so no
-#: WeakKeyDictionary; a finaliser drops the entry (and the teacher) when the run goes away.
-_STATES: dict[int, _State] = {}
+        config: IrepaConfig = run.plugin_config(INFO.name)
+        precision = run.require("precision")
+        return load_frozen_encoder(
+            config.encoder, config.weights, run.device, precision.frozen_dtype, overrides=config.encoder_overrides
+        )
 
-
-def _state(run: RunContext) -> _State:
-    state = _STATES.get(id(run))
-    if state is None:
-        raise RuntimeError("irepa: prx_configure did not run for this run, so the teacher is not loaded")
-    return state
+    return run.plugin_state(INFO.name, load)
 
 
 def check_router_span(router: Any, layer: int, projector: str) -> None:
@@ -120,23 +117,13 @@ def check_router_span(router: Any, layer: int, projector: str) -> None:
 
 @hookimpl
 def prx_configure(run: RunContext) -> None:
-    from prx_core.vision import load_frozen_encoder
-
     config: IrepaConfig = run.plugin_config(INFO.name)
     depth = run.recipe.model.depth
     if config.layer >= depth:
         raise RecipeError(f"plugins.irepa.layer is {config.layer}, but the model has blocks 0..{depth - 1}")
     check_router_span(run.router, config.layer, config.projector)
     run.capture_after_block(config.layer)
-    teacher = load_frozen_encoder(
-        config.encoder,
-        config.weights,
-        run.device,
-        run.require("precision").frozen_dtype,
-        overrides=config.encoder_overrides,
-    )
-    _STATES[id(run)] = _State(teacher=teacher)
-    weakref.finalize(run, _STATES.pop, id(run), None)
+    loaded_teacher(run)
 
 
 @hookimpl
@@ -144,14 +131,13 @@ def prx_build_modules(run: RunContext) -> dict[str, torch.nn.Module]:
     from prx_irepa.alignment import build_projector
 
     config: IrepaConfig = run.plugin_config(INFO.name)
+    # Plain init: core seeds the global generator from (recipe seed, plugin name) around this hook.
     projector = build_projector(
         config.projector,
         run.recipe.model.hidden_size,
         config.projector_dim,
         config.projector_heads,
-        _state(run).teacher.embed_dim,
-        seed=run.recipe.seed,
-        key=INFO.name,
+        loaded_teacher(run).embed_dim,
     )
     return {INFO.name: projector}
 
@@ -169,7 +155,7 @@ def prx_loss_terms(step: StepContext) -> list[LossTerm]:
     value = irepa_loss(
         run.require("trainable").extras[INFO.name],
         captured[config.layer],
-        _state(run).teacher,
+        loaded_teacher(run),
         step.images_BCHW,
         step.x0_BCHW,
         run.recipe.model.patch_size,
@@ -177,8 +163,3 @@ def prx_loss_terms(step: StepContext) -> list[LossTerm]:
         layer=config.layer,
     )
     return [LossTerm(INFO.name, config.weight, value)]
-
-
-def loaded_teacher(run: RunContext) -> FrozenEncoder:
-    """The run's frozen teacher (for tests and debugging)."""
-    return _state(run).teacher

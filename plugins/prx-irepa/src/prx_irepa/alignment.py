@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from prx_core.seeding import derive_seed
 from prx_core.vision import mean_cosine_similarity, route_covers, token_grid, visible_targets
 
 if TYPE_CHECKING:
@@ -77,16 +76,14 @@ class AttentionProjector(torch.nn.Module):
 
 
 def build_projector(
-    kind: str, hidden_size: int, projector_dim: int, heads: int, embed_dim: int, *, seed: int, key: str
+    kind: str, hidden_size: int, projector_dim: int, heads: int, embed_dim: int
 ) -> ConvProjector | AttentionProjector:
-    """The chosen projector, initialised from a generator keyed by ``(seed, key)`` (not the global RNG),
-    so its initial weights do not depend on which other plugins drew random numbers before it."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, key, "projector"))
-        if kind == "conv":
-            return ConvProjector(hidden_size, projector_dim, embed_dim)
-        if kind == "attention":
-            return AttentionProjector(hidden_size, projector_dim, heads, embed_dim)
+    """The chosen projector, with default PyTorch init from the global generator (core seeds it from
+    (recipe seed, plugin name) around ``prx_build_modules``, so the weights do not depend on plugin order)."""
+    if kind == "conv":
+        return ConvProjector(hidden_size, projector_dim, embed_dim)
+    if kind == "attention":
+        return AttentionProjector(hidden_size, projector_dim, heads, embed_dim)
     raise ValueError(f"irepa: unknown projector {kind!r}; expected 'conv' or 'attention'")
 
 

@@ -8,16 +8,15 @@ objective and the pixel latent space, and ``prx-run check`` rejects any other re
 model is built (SPEC §7.3).
 
 Importing this module is torch-free; the network loads in :func:`prx_configure`. The network is a
-frozen teacher: it is kept per run here, never returned from ``prx_build_modules`` and never saved
-in checkpoints (SPEC §7.9); a resumed run reloads it from its weights.
+frozen teacher: it is kept in ``run.plugin_state``, never returned from ``prx_build_modules`` and
+never saved in checkpoints (SPEC §7.9); a resumed run reloads it from its weights.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prx_core import hookimpl
 from prx_core.config import RecipeError
@@ -75,11 +74,6 @@ class _State:
     head_dtype: torch.dtype
 
 
-#: Per-run state, keyed by ``id(run)``: RunContext is an unhashable dataclass, so no
-#: WeakKeyDictionary; a finaliser drops the entry (and the network) when the run goes away.
-_STATES: dict[int, _State] = {}
-
-
 def _min_side_check(run: RunContext, config: LPIPSConfig) -> None:
     """Fail at setup, not at the first step, when the resized images are too small for VGG16."""
     from prx_lpips.network import MIN_SIDE
@@ -93,21 +87,28 @@ def _min_side_check(run: RunContext, config: LPIPSConfig) -> None:
         )
 
 
+def _state(run: RunContext) -> _State:
+    """The run's network, loaded on first use (in ``prx_configure``, so a bad path fails at setup)."""
+
+    def load() -> _State:
+        import torch
+
+        from prx_lpips.weights import load_lpips_vgg
+
+        config: LPIPSConfig = run.plugin_config(INFO.name)
+        precision = run.require("precision")
+        net = load_lpips_vgg(config.vgg_weights, config.lin_weights, device=run.device, dtype=precision.frozen_dtype)
+        # The head subtracts nearly equal unit vectors; compute it in the more precise of the two
+        # policy dtypes (fp32 under both built-in policies).
+        return _State(net=net, head_dtype=torch.promote_types(precision.frozen_dtype, precision.param_dtype))
+
+    return run.plugin_state(INFO.name, load)
+
+
 @hookimpl
 def prx_configure(run: RunContext) -> None:
-    import torch
-
-    from prx_lpips.weights import load_lpips_vgg
-
-    config: LPIPSConfig = run.plugin_config(INFO.name)
-    _min_side_check(run, config)
-    precision = run.require("precision")
-    net = load_lpips_vgg(config.vgg_weights, config.lin_weights, device=run.device, dtype=precision.frozen_dtype)
-    # The head subtracts nearly equal unit vectors; compute it in the more precise of the two
-    # policy dtypes (fp32 under both built-in policies).
-    head_dtype = torch.promote_types(precision.frozen_dtype, precision.param_dtype)
-    _STATES[id(run)] = _State(net=net, head_dtype=head_dtype)
-    weakref.finalize(run, _STATES.pop, id(run), None)
+    _min_side_check(run, run.plugin_config(INFO.name))
+    _state(run)
 
 
 @hookimpl
@@ -116,9 +117,7 @@ def prx_loss_terms(step: StepContext) -> list[LossTerm] | None:
     from prx_lpips.network import lpips_loss
 
     config: LPIPSConfig = step.run.plugin_config(INFO.name)
-    state = _STATES.get(id(step.run))
-    if state is None:
-        raise RuntimeError("lpips: prx_configure did not run for this run, so the LPIPS network is not loaded")
+    state = _state(step.run)
     value = lpips_loss(
         state.net,
         step.stash[X0_PREDICTION],
@@ -131,9 +130,6 @@ def prx_loss_terms(step: StepContext) -> list[LossTerm] | None:
     return [LossTerm(INFO.name, config.weight, value)]
 
 
-def loaded_network(run: Any) -> LPIPSVGG:
+def loaded_network(run: RunContext) -> LPIPSVGG:
     """The run's loaded network (for tests and debugging)."""
-    state = _STATES.get(id(run))
-    if state is None:
-        raise KeyError("lpips: no network is loaded for this run")
-    return state.net
+    return _state(run).net

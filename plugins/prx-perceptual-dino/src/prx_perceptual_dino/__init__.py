@@ -10,13 +10,12 @@ and ``prx-run check`` rejects any other recipe before a model is built (SPEC §7
 crashed at start-up instead).
 
 Importing this module is torch-free. The encoder is loaded in :func:`prx_configure` through
-:mod:`prx_core.vision`, kept per run, never returned from ``prx_build_modules`` and never saved in
-checkpoints (SPEC §7.9).
+:mod:`prx_core.vision`, kept in ``run.plugin_state``, never returned from ``prx_build_modules``
+and never saved in checkpoints (SPEC §7.9).
 """
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
     from prx_core.context import RunContext, StepContext
     from prx_core.vision import FrozenEncoder
 
-__all__ = ["INFO", "PerceptualDinoConfig", "prx_configure", "prx_loss_terms"]
+__all__ = ["INFO", "PerceptualDinoConfig", "loaded_encoder", "prx_configure", "prx_loss_terms"]
 
 
 @dataclass(frozen=True)
@@ -67,42 +66,30 @@ INFO = PluginInfo(
 )
 
 
-@dataclass
-class _State:
-    encoder: FrozenEncoder
+def loaded_encoder(run: RunContext) -> FrozenEncoder:
+    """The run's frozen encoder, loaded on first use (in ``prx_configure``, so a bad path fails at setup)."""
 
+    def load() -> FrozenEncoder:
+        from prx_core.vision import load_frozen_encoder
 
-#: Per-run state, keyed by ``id(run)``: RunContext is an unhashable dataclass, so no
-#: WeakKeyDictionary; a finaliser drops the entry (and the encoder) when the run goes away.
-_STATES: dict[int, _State] = {}
+        config: PerceptualDinoConfig = run.plugin_config(INFO.name)
+        precision = run.require("precision")
+        return load_frozen_encoder(
+            config.encoder, config.weights, run.device, precision.frozen_dtype, overrides=config.encoder_overrides
+        )
 
-
-def _state(run: RunContext) -> _State:
-    state = _STATES.get(id(run))
-    if state is None:
-        raise RuntimeError("perceptual_dino: prx_configure did not run for this run, so the encoder is not loaded")
-    return state
+    return run.plugin_state(INFO.name, load)
 
 
 @hookimpl
 def prx_configure(run: RunContext) -> None:
-    from prx_core.vision import load_frozen_encoder
-
     config: PerceptualDinoConfig = run.plugin_config(INFO.name)
-    encoder = load_frozen_encoder(
-        config.encoder,
-        config.weights,
-        run.device,
-        run.require("precision").frozen_dtype,
-        overrides=config.encoder_overrides,
-    )
+    encoder = loaded_encoder(run)
     if config.resolution % encoder.patch_size:
         raise RecipeError(
             f"plugins.perceptual_dino.resolution is {config.resolution}, not a multiple of the encoder's patch "
             f"size {encoder.patch_size} ({encoder.timm_id})"
         )
-    _STATES[id(run)] = _State(encoder=encoder)
-    weakref.finalize(run, _STATES.pop, id(run), None)
 
 
 @hookimpl
@@ -116,14 +103,9 @@ def prx_loss_terms(step: StepContext) -> list[LossTerm]:
     # The latent space's decode maps pixel latents in [−1, 1] back to images in [0, 1]; the
     # pixel space clamps there, so out-of-range pixels are left to the objective's own loss.
     value = perceptual_dino_loss(
-        _state(run).encoder,
+        loaded_encoder(run),
         latent.decode(step.stash[X0_PREDICTION]),
         latent.decode(step.x0_BCHW),
         config.resolution,
     )
     return [LossTerm(INFO.name, config.weight, value)]
-
-
-def loaded_encoder(run: RunContext) -> FrozenEncoder:
-    """The run's frozen encoder (for tests and debugging)."""
-    return _state(run).encoder

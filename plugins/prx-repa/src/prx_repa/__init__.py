@@ -6,7 +6,7 @@ ViT (DINOv2 / DINOv3) computed on the clean image. The term is −mean cosine si
 by λ, so the total loss gains −λ·cos.
 
 Importing this module is torch-free (``prx-run plugins`` and recipe checks import it). The teacher
-is loaded in :func:`prx_configure` through :mod:`prx_core.vision`, kept per run here, never
+is loaded in :func:`prx_configure` through :mod:`prx_core.vision`, kept in ``run.plugin_state``, never
 returned from ``prx_build_modules`` and never saved in checkpoints (SPEC §7.9): a resumed run
 reloads it from its weights. The projector is a trainable module (``run.trainable.extras["repa"]``),
 so it is optimised, checkpointed and EMA-averaged with the model.
@@ -14,7 +14,6 @@ so it is optimised, checkpointed and EMA-averaged with the model.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,7 +27,7 @@ if TYPE_CHECKING:
     from prx_core.context import RunContext, StepContext
     from prx_core.vision import FrozenEncoder
 
-__all__ = ["INFO", "RepaConfig", "prx_build_modules", "prx_configure", "prx_loss_terms"]
+__all__ = ["INFO", "RepaConfig", "loaded_teacher", "prx_build_modules", "prx_configure", "prx_loss_terms"]
 
 
 @dataclass(frozen=True)
@@ -72,41 +71,29 @@ INFO = PluginInfo(
 )
 
 
-@dataclass
-class _State:
-    teacher: FrozenEncoder
+def loaded_teacher(run: RunContext) -> FrozenEncoder:
+    """The run's frozen teacher, loaded on first use (in ``prx_configure``, so a bad path fails at setup)."""
 
+    def load() -> FrozenEncoder:
+        from prx_core.vision import load_frozen_encoder
 
-#: Per-run state, keyed by ``id(run)``: RunContext is an unhashable dataclass, so no
-#: WeakKeyDictionary; a finaliser drops the entry (and the teacher) when the run goes away.
-_STATES: dict[int, _State] = {}
+        config: RepaConfig = run.plugin_config(INFO.name)
+        precision = run.require("precision")
+        return load_frozen_encoder(
+            config.encoder, config.weights, run.device, precision.frozen_dtype, overrides=config.encoder_overrides
+        )
 
-
-def _state(run: RunContext) -> _State:
-    state = _STATES.get(id(run))
-    if state is None:
-        raise RuntimeError("repa: prx_configure did not run for this run, so the teacher is not loaded")
-    return state
+    return run.plugin_state(INFO.name, load)
 
 
 @hookimpl
 def prx_configure(run: RunContext) -> None:
-    from prx_core.vision import load_frozen_encoder
-
     config: RepaConfig = run.plugin_config(INFO.name)
     depth = run.recipe.model.depth
     if config.layer >= depth:
         raise RecipeError(f"plugins.repa.layer is {config.layer}, but the model has blocks 0..{depth - 1}")
     run.capture_after_block(config.layer)
-    teacher = load_frozen_encoder(
-        config.encoder,
-        config.weights,
-        run.device,
-        run.require("precision").frozen_dtype,
-        overrides=config.encoder_overrides,
-    )
-    _STATES[id(run)] = _State(teacher=teacher)
-    weakref.finalize(run, _STATES.pop, id(run), None)
+    loaded_teacher(run)
 
 
 @hookimpl
@@ -114,13 +101,8 @@ def prx_build_modules(run: RunContext) -> dict[str, torch.nn.Module]:
     from prx_repa.alignment import build_projector
 
     config: RepaConfig = run.plugin_config(INFO.name)
-    projector = build_projector(
-        run.recipe.model.hidden_size,
-        config.projector_dim,
-        _state(run).teacher.embed_dim,
-        seed=run.recipe.seed,
-        key=INFO.name,
-    )
+    # Plain init: core seeds the global generator from (recipe seed, plugin name) around this hook.
+    projector = build_projector(run.recipe.model.hidden_size, config.projector_dim, loaded_teacher(run).embed_dim)
     return {INFO.name: projector}
 
 
@@ -137,7 +119,7 @@ def prx_loss_terms(step: StepContext) -> list[LossTerm]:
     value = repa_loss(
         run.require("trainable").extras[INFO.name],
         captured[config.layer],
-        _state(run).teacher,
+        loaded_teacher(run),
         step.images_BCHW,
         step.x0_BCHW,
         run.recipe.model.patch_size,
@@ -145,8 +127,3 @@ def prx_loss_terms(step: StepContext) -> list[LossTerm]:
         layer=config.layer,
     )
     return [LossTerm(INFO.name, config.weight, value)]
-
-
-def loaded_teacher(run: RunContext) -> FrozenEncoder:
-    """The run's frozen teacher (for tests and debugging)."""
-    return _state(run).teacher

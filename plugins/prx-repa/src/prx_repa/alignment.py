@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from prx_core.seeding import derive_seed
 from prx_core.vision import mean_cosine_similarity, token_grid, visible_targets
 
 if TYPE_CHECKING:
@@ -14,21 +13,19 @@ if TYPE_CHECKING:
     from prx_core.vision import FrozenEncoder
 
 
-def build_projector(hidden_size: int, projector_dim: int, embed_dim: int, *, seed: int, key: str) -> torch.nn.Module:
+def build_projector(hidden_size: int, projector_dim: int, embed_dim: int) -> torch.nn.Module:
     """The REPA MLP H → d → d → E with SiLU (SPEC §4: H→1024→1024→1024 for a ViT-L teacher).
 
-    Initialised from a generator keyed by ``(seed, key)`` rather than the global RNG, so the projector's
-    initial weights do not depend on which other plugins drew random numbers before it.
+    Default PyTorch init from the global generator, which core seeds from (recipe seed, plugin
+    name) around ``prx_build_modules``, so the weights do not depend on plugin order.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, key, "projector"))
-        return torch.nn.Sequential(
-            torch.nn.Linear(hidden_size, projector_dim),
-            torch.nn.SiLU(),
-            torch.nn.Linear(projector_dim, projector_dim),
-            torch.nn.SiLU(),
-            torch.nn.Linear(projector_dim, embed_dim),
-        )
+    return torch.nn.Sequential(
+        torch.nn.Linear(hidden_size, projector_dim),
+        torch.nn.SiLU(),
+        torch.nn.Linear(projector_dim, projector_dim),
+        torch.nn.SiLU(),
+        torch.nn.Linear(projector_dim, embed_dim),
+    )
 
 
 def repa_targets(

@@ -80,6 +80,6 @@ def prx_build_modules(run: RunContext) -> Mapping[str, torch.nn.Module] | None:
     from prx_resolution_aware.embedder import build_embedder
 
     config: ResolutionAwareConfig = run.plugin_config(NAME)
-    module = build_embedder(config.mode, run.recipe.model.hidden_size, config.max_period, seed=run.recipe.seed)
+    module = build_embedder(config.mode, run.recipe.model.hidden_size, config.max_period)
     # Weights in the dtype the precision policy trains in (its guard checks every parameter).
     return {NAME: module.to(device=run.device, dtype=run.require("precision").param_dtype)}

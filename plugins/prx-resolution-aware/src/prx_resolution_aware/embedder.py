@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from diffusers.models.embeddings import get_timestep_embedding
 
-from prx_core.seeding import derive_seed
-
 if TYPE_CHECKING:
     from prx_core.context import ForwardContext
 
@@ -87,19 +85,17 @@ class ResolutionTokens(torch.nn.Module):
         return torch.stack([h_BH, w_BH], dim=1)
 
 
-def build_embedder(mode: Literal["token", "vec"], hidden: int, max_period: int, seed: int) -> torch.nn.Module:
-    """The module for ``mode``, initialised from its own seed.
+def build_embedder(mode: Literal["token", "vec"], hidden: int, max_period: int) -> torch.nn.Module:
+    """The module for ``mode``, with PyTorch's default init (zero last layers).
 
-    ``prx_build_modules`` runs in plugin order, so drawing from the global generator would give
-    this module different weights (and shift every other plugin's) when the order changes; a
-    forked generator seeded from (recipe seed, plugin name) keeps the init order-independent.
+    Drawn from the global generator, which core seeds from (recipe seed, plugin name) around each
+    plugin's ``prx_build_modules``: the weights do not depend on plugin order, and building them
+    does not shift any other plugin's.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(seed, "resolution_aware"))
-        if mode == "vec":
-            return ResolutionVector(hidden, max_period)
-        if mode == "token":
-            return ResolutionTokens(hidden, max_period)
+    if mode == "vec":
+        return ResolutionVector(hidden, max_period)
+    if mode == "token":
+        return ResolutionTokens(hidden, max_period)
     raise ValueError(f"unknown resolution_aware mode {mode!r}; expected 'token' or 'vec'")
 
 
