@@ -342,3 +342,24 @@ def mean_cosine_similarity(a_BKE: torch.Tensor, b_BKE: torch.Tensor) -> torch.Te
     dtype = torch.promote_types(a_BKE.dtype, b_BKE.dtype)
     cos_BK = F.cosine_similarity(a_BKE.to(dtype), b_BKE.to(dtype), dim=-1)
     return cos_BK.mean(dim=1).mean()
+
+
+def frozen_encoder_for_run(run: Any, plugin: str, config: Any) -> FrozenEncoder:
+    """The frozen encoder a plugin's config names, loaded once per run and kept in its plugin state.
+
+    ``config`` must have ``encoder``, ``weights`` and ``encoder_overrides``; the encoder runs on
+    ``run.device`` in the precision policy's ``frozen_dtype``. Being plugin state, never a trained
+    module, it stays out of the optimizer, EMA and checkpoints (SPEC §7.9).
+    """
+
+    def load() -> FrozenEncoder:
+        return load_frozen_encoder(
+            config.encoder,
+            config.weights,
+            run.device,
+            run.require("precision").frozen_dtype,
+            overrides=config.encoder_overrides,
+        )
+
+    encoder: FrozenEncoder = run.plugin_state(plugin, load)
+    return encoder

@@ -86,17 +86,9 @@ INFO = PluginInfo(
 
 def loaded_teacher(run: RunContext) -> FrozenEncoder:
     """The run's frozen teacher, loaded on first use (in ``prx_configure``, so a bad path fails at setup)."""
+    from prx_core.vision import frozen_encoder_for_run
 
-    def load() -> FrozenEncoder:
-        from prx_core.vision import load_frozen_encoder
-
-        config: IrepaConfig = run.plugin_config(INFO.name)
-        precision = run.require("precision")
-        return load_frozen_encoder(
-            config.encoder, config.weights, run.device, precision.frozen_dtype, overrides=config.encoder_overrides
-        )
-
-    return run.plugin_state(INFO.name, load)
+    return frozen_encoder_for_run(run, INFO.name, run.plugin_config(INFO.name))
 
 
 def check_router_span(router: Any, layer: int, projector: str) -> None:
