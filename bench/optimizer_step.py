@@ -1,0 +1,233 @@
+"""Time one optimizer step on the PRX-1.2B parameter shapes: prx's Muon against torch.optim.Muon and AdamW.
+
+    python bench/optimizer_step.py                 # CPU default: shapes scaled down 4× (hidden 448, depth 4)
+    python bench/optimizer_step.py --full          # the real PRX-1.2B shapes (hidden 1792, depth 16), for a GPU
+    python bench/optimizer_step.py --scale 2 --steps 5
+
+Shapes come from ``diffusers.PRXTransformer2DModel`` built on the meta device (no memory, no
+weights), with hidden size and depth divided by ``--scale`` (head dim stays 64). Parameters and
+gradients are random fp32 tensors on the chosen device; every candidate steps the same tensors,
+all candidates are built up front (state of about 8× the fp32 parameter bytes in total, 37 GB
+for the full shapes), take turns step by step, and the table reports each one's median and best step
+times over ``--steps`` rounds after ``--warmup`` untimed steps.
+
+Candidates, on the same two parameter sets as the reference setup (SPEC §4: Muon for the 2-D
+block weights, AdamW for the rest):
+
+* ``prx muon (blocks)``       prx_muon.MuonAdamW, Muon group only (batched Newton–Schulz)
+* ``prx muon, unbatched NS``  the same, but Newton–Schulz one matrix at a time (what batching buys)
+* ``torch.optim.Muon (blocks)`` torch's Muon, one matrix at a time (``match_rms_adamw`` scaling)
+* ``prx muon+adamw (all)``    the whole prx optimizer as a run uses it
+* ``torch Muon + AdamW (all)`` torch.optim.Muon on the blocks plus torch AdamW on the rest
+* ``AdamW (all)``             torch AdamW on every weight (fused on CUDA, foreach elsewhere)
+
+Both Muons run Newton–Schulz in bf16. The ratio column is torch.optim.Muon's time on the same
+parameter set divided by the row's time (> 1: faster than torch.optim.Muon).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PRX_HIDDEN, PRX_DEPTH, PRX_HEADS = 1792, 16, 28
+
+
+def prx_shapes(scale: int) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every PRX-1.2B parameter, hidden and depth divided by ``scale``."""
+    from diffusers import PRXTransformer2DModel
+
+    if PRX_HIDDEN % (64 * scale) or PRX_DEPTH % scale:
+        raise SystemExit(f"--scale {scale} must divide hidden {PRX_HIDDEN} into 64-wide heads and depth {PRX_DEPTH}")
+    with torch.device("meta"):
+        model = PRXTransformer2DModel(
+            hidden_size=PRX_HIDDEN // scale, depth=PRX_DEPTH // scale, num_heads=PRX_HEADS // scale
+        )
+    return [(f"model.{n}", tuple(p.shape)) for n, p in model.named_parameters()]
+
+
+def make_parameters(
+    shapes: list[tuple[str, tuple[int, ...]]], device: torch.device
+) -> list[tuple[str, torch.nn.Parameter]]:
+    generator = torch.Generator(device=device).manual_seed(0)
+    named = []
+    for name, shape in shapes:
+        p = torch.nn.Parameter(torch.randn(shape, generator=generator, device=device) * 0.02)
+        p.grad = torch.randn(shape, generator=generator, device=device) * 1e-3
+        named.append((name, p))
+    return named
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, rounds: int, clock: str
+) -> dict[str, tuple[float, float]]:
+    """(median, best) milliseconds per step of each candidate.
+
+    Candidates take turns, one step each per round, so a noisy neighbour on a shared machine
+    slows all of them alike instead of whichever happened to run at that moment. ``clock`` is
+    ``wall`` (perf_counter) or ``process`` (CPU time of this process: on a shared CPU with
+    ``--threads 1`` it counts only our own work, not time spent descheduled).
+    """
+    now = time.perf_counter if clock == "wall" else time.process_time
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    synchronize(device)
+    times: dict[str, list[float]] = {label: [] for label in steps}
+    for _ in range(rounds):
+        for label, step in steps.items():
+            start = now()
+            step()
+            synchronize(device)
+            times[label].append((now() - start) * 1e3)
+    return {label: (statistics.median(values), min(values)) for label, values in times.items()}
+
+
+def unbatched(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The same optimizer with Newton–Schulz run one matrix at a time: isolates what batching buys."""
+    from prx_muon.newton_schulz import newton_schulz
+
+    def one_at_a_time(updates_Nmn: torch.Tensor, group: dict) -> torch.Tensor:
+        steps, dtype = group["ns_steps"], optimizer.ns_dtype  # type: ignore[attr-defined]
+        return torch.cat([newton_schulz(u[None], steps, dtype) for u in updates_Nmn.unbind(0)])
+
+    optimizer._newton_schulz = one_at_a_time  # type: ignore[method-assign]
+    return optimizer
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    model = platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {torch.get_num_threads()} torch threads, {os.cpu_count()} logical CPUs"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True).stdout
+        return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="real PRX-1.2B shapes (same as --scale 1)")
+    parser.add_argument("--scale", type=int, default=None, help="divide hidden size and depth by this (CPU default 4)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "process"),
+        default="wall",
+        help="wall time, or this process's CPU time (robust on a shared CPU with --threads 1; not for CUDA)",
+    )
+    args = parser.parse_args()
+
+    from prx_muon import MuonConfig, build_optimizer
+    from prx_muon.grouping import split_parameters
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    scale = 1 if args.full else (args.scale or (1 if device.type == "cuda" else 4))
+    named = make_parameters(prx_shapes(scale), device)
+    config = MuonConfig()
+    muon_named, adamw_named = split_parameters(named, config.muon_patterns, config.exclude_patterns)
+    blocks = [p for _, p in muon_named]
+    rest = [p for _, p in adamw_named]
+    everything = [p for _, p in named]
+    count = lambda ps: sum(p.numel() for p in ps)  # noqa: E731
+
+    fused = device.type == "cuda"
+
+    def adamw(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            params, lr=1e-4, betas=(0.9, 0.95), eps=1e-15, fused=fused or None, foreach=None if fused else True
+        )
+
+    def torch_muon(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.Muon(params, lr=1e-4, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+
+    def both(*optimizers: torch.optim.Optimizer) -> Callable[[], None]:
+        def step() -> None:
+            for optimizer in optimizers:
+                optimizer.step()
+
+        return step
+
+    has_torch_muon = hasattr(torch.optim, "Muon")
+    candidates: list[tuple[str, str, Callable[[], Callable[[], None]]]] = [
+        ("prx muon (blocks)", "blocks", lambda: build_optimizer(muon_named, config).step),
+        ("prx muon, unbatched NS (blocks)", "blocks", lambda: unbatched(build_optimizer(muon_named, config)).step),
+    ]
+    if has_torch_muon:
+        candidates.append(("torch.optim.Muon (blocks)", "blocks", lambda: torch_muon(blocks).step))
+    candidates.append(("prx muon+adamw (all)", "all", lambda: build_optimizer(named, config).step))
+    if has_torch_muon:
+        candidates.append(("torch Muon + AdamW (all)", "all", lambda: both(torch_muon(blocks), adamw(rest))))
+    candidates.append((f"AdamW {'fused' if fused else 'foreach'} (all)", "all", lambda: adamw(everything).step))
+
+    if args.clock == "process" and device.type == "cuda":
+        raise SystemExit("--clock process measures host CPU time; use --clock wall on CUDA")
+    results = time_interleaved(
+        {label: build() for label, _, build in candidates}, device, args.warmup, args.steps, args.clock
+    )
+
+    reference = {
+        "blocks": results.get("torch.optim.Muon (blocks)"),
+        "all": results.get("torch Muon + AdamW (all)"),
+    }
+    hidden, depth = PRX_HIDDEN // scale, PRX_DEPTH // scale
+    print(f"date     : {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}")
+    print(f"commit   : {commit()}")
+    print(f"hardware : {hardware(device)}")
+    print(f"torch    : {torch.__version__}")
+    print(
+        f"shapes   : PRX-1.2B / {scale} (hidden {hidden}, depth {depth}): {len(blocks)} block matrices "
+        f"({count(blocks) / 1e6:.1f}M) on Muon, {len(rest)} other tensors ({count(rest) / 1e6:.1f}M) on AdamW"
+    )
+    print(f"timing   : {args.clock} clock, {args.steps} interleaved rounds after {args.warmup} warm-up steps")
+    print("dtypes   : fp32 weights, grads and state; Newton-Schulz in bf16 (both Muons)")
+    print()
+    print(f"{'optimizer':<32} {'params':>8} {'median ms':>10} {'best ms':>9} {'vs torch.optim.Muon':>20}")
+    for label, which, _ in candidates:
+        median, best = results[label]
+        ref = reference[which]
+        ratio = f"{ref[0] / median:.2f}x" if ref else "n/a"
+        n = count(blocks) if which == "blocks" else count(everything)
+        print(f"{label:<32} {n / 1e6:>7.1f}M {median:>10.1f} {best:>9.1f} {ratio:>20}")
+    print()
+    print("ratio: torch.optim.Muon's median time on the same parameter set / this row's (> 1: faster)")
+
+
+if __name__ == "__main__":
+    main()
