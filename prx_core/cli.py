@@ -74,13 +74,17 @@ def _setup_logging(quiet: bool) -> None:
 
 def cmd_plugins() -> int:
     from prx_core import __version__
-    from prx_core.plugins import builtin_modules, installed_plugins, plugin_info
+    from prx_core.plugins import activate, installed_plugins
 
     print(f"prx-core {__version__}")
     print("\ncore plugins (always active):")
-    for module in builtin_modules():
-        info = plugin_info(module)
-        print(f"  {info.name:<18} {__version__:<9} {info.summary}  [{info.spec}]")
+    # Registering builtins is cheap: their factories import torch only when a run builds them.
+    active = activate({}, [])
+    for name in sorted(active.builtin):
+        info = active.infos[name]
+        entries = [f"{slot}:{e.name}" for slot, reg in active.registries.items() for e in reg if e.plugin == name]
+        print(f"  {name:<18} {__version__:<9} {info.summary}  [{info.spec}]")
+        print(f"  {'':<18} provides {', '.join(entries)}")
     installed = installed_plugins()
     print("\ninstalled plugins (active only when a recipe names them):")
     if not installed:

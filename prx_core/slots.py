@@ -128,6 +128,8 @@ class PrecisionPolicy(Protocol):
     frozen_dtype: torch.dtype
     #: Long-lived accumulators: optimizer state and EMA weights (fp32 in every shipped policy).
     state_dtype: torch.dtype
+    #: Shown loudly in the log and the tracker when set (e.g. the bf16-weights ablation).
+    warning: str | None
 
     def autocast(self, device: torch.device) -> AbstractContextManager[Any]: ...
 
