@@ -1,0 +1,158 @@
+"""The ``tread`` router object and its self-guidance rule.
+
+The core's block loop calls :meth:`TreadRouter.enter` before block ``start`` and
+:meth:`TreadRouter.exit` after block ``end`` (see :func:`prx_core.denoiser.denoise`). What one
+forward needs to remember between the two calls lives in that forward's stash, not on the router,
+so a router serves any number of forwards (micro-steps, the two self-guidance passes, EMA
+sampling) without leaking state between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from prx_core.config import RecipeError
+from prx_core.keys import ROUTE_PLAN, RoutePlan, StashKey
+from prx_core.seeding import generator_for
+from prx_tread.routing import choose_visible, gather_rope, gather_tokens, scatter_tokens
+
+if TYPE_CHECKING:
+    from prx_core.context import ForwardContext
+    from prx_tread import TreadConfig
+
+#: Purpose key of the routes drawn for self-guidance at sampling (see :func:`guidance_generator`).
+GUIDANCE_PURPOSE = "tread-self-guidance"
+#: Purpose key of the routes drawn when routing outside a training step without a core generator.
+UNKEYED_PURPOSE = "tread-unkeyed"
+
+
+@dataclass(frozen=True)
+class _Entered:
+    """What ``exit`` needs from ``enter`` in the same forward."""
+
+    full_BNH: torch.Tensor
+    visible_idx_BK: torch.Tensor
+
+
+#: Private to this plugin: the full-length tokens and the route, from ``enter`` to ``exit``.
+_ENTERED: StashKey[_Entered] = StashKey("tread.entered")
+
+
+def check_span(start: int, end: int, depth: int) -> None:
+    """The span must lie inside the model; the recipe's ``[router]`` table is named in the error."""
+    if end >= depth:
+        raise RecipeError(
+            f"router.end is {end}, but the model has blocks 0..{depth - 1} (model.depth = {depth}); "
+            f"the routed span start..end is inclusive, so end must be < depth"
+        )
+    if start > end:  # also checked by the config; repeated here for routers built by hand
+        raise RecipeError(f"router.start ({start}) must be <= router.end ({end})")
+
+
+def guidance_generator(seed: int, t: float) -> torch.Generator:
+    """The route of the self-guidance pass at timestep ``t``: a function of (seed, t) only.
+
+    Sampling has no step/micro-step/rank key, so the timestep stands in for the step: the same
+    seed and grid give the same routes, hence the same images, on every call. One route is drawn
+    per pass and shared by the batch, so an image does not depend on the batch it is made in.
+    """
+    return generator_for(seed, GUIDANCE_PURPOSE, repr(float(t)))
+
+
+class TreadRouter:
+    """Routes a random ``ratio`` of each sample's image tokens around blocks ``start..end``."""
+
+    def __init__(self, config: TreadConfig, seed: int) -> None:
+        self.start = config.start
+        self.end = config.end
+        self.ratio = config.ratio
+        self.train_only = config.train_only
+        self.self_guidance = config.self_guidance
+        self.seed = seed
+        # Set only around the routed pass of self-guidance (see ``forced``).
+        self._forced: torch.Generator | None = None
+
+    @contextmanager
+    def forced(self, generator: torch.Generator) -> Iterator[None]:
+        """Route every forward inside the block with ``generator``, even at sampling."""
+        if self._forced is not None:
+            raise RuntimeError("tread: forced routing is already on (nested self-guidance passes)")
+        self._forced = generator
+        try:
+            yield
+        finally:
+            self._forced = None
+
+    def _generator(self, ctx: ForwardContext) -> tuple[torch.Generator, bool] | None:
+        """The generator to route this forward with, and whether each sample draws its own route.
+
+        Training routes each sample independently. Sampling (the self-guidance pass, or
+        ``train_only = false``) draws one route for the whole batch: the core promises that an image
+        does not depend on the batch it is generated in, and a per-sample draw would tie sample i's
+        route to its position in the batch.
+        """
+        if self._forced is not None:
+            return self._forced, False
+        if self.train_only and not ctx.training:
+            return None
+        if ctx.generator is not None:
+            return ctx.generator, ctx.training
+        # Routing without a keyed generator (sampling with train_only = false, or a forward built
+        # by hand): a fixed key keeps it reproducible.
+        return generator_for(self.seed, UNKEYED_PURPOSE, "training" if ctx.training else "sampling"), ctx.training
+
+    def enter(
+        self, img_BNH: torch.Tensor, rope: torch.Tensor, ctx: ForwardContext
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.ratio == 0.0:
+            return None  # p = 0: nothing is routed, so the forward is exactly the unrouted one
+        chosen = self._generator(ctx)
+        if chosen is None:
+            return None
+        generator, per_sample = chosen
+        batch, length, _ = img_BNH.shape
+        if per_sample:
+            visible_idx_BK = choose_visible(batch, length, self.ratio, generator)
+        else:
+            visible_idx_BK = choose_visible(1, length, self.ratio, generator).expand(batch, -1)
+        visible_idx_BK = visible_idx_BK.to(img_BNH.device)
+        ctx.stash[_ENTERED] = _Entered(img_BNH, visible_idx_BK)
+        ctx.stash[ROUTE_PLAN] = RoutePlan(visible_idx_BK, length, self.start, self.end)
+        return gather_tokens(img_BNH, visible_idx_BK), gather_rope(rope, visible_idx_BK)
+
+    def exit(self, img_BKH: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        entered = ctx.stash[_ENTERED]
+        # Routed tokens skip the span: they come back exactly as they entered block ``start``.
+        return scatter_tokens(entered.full_BNH, img_BKH, entered.visible_idx_BK)
+
+
+class SelfGuidance:
+    """TREAD self-guidance, replacing classifier-free guidance at sampling.
+
+    out = routed + s·(full − routed): both passes see the real prompt; the routed pass (the same
+    weights run with ``ratio`` of the tokens skipping the span) plays the part of the weaker,
+    unconditional branch of CFG. The unconditional prompt is not used.
+    """
+
+    def __init__(self, router: TreadRouter, scale: float, seed: int) -> None:
+        self.router = router
+        self.scale = scale
+        self.seed = seed
+
+    def __call__(
+        self,
+        velocity: Callable[..., torch.Tensor],
+        x_t_BCHW: torch.Tensor,
+        t_B: torch.Tensor,
+        cond: tuple[torch.Tensor, torch.Tensor],
+        uncond: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        full = velocity(x_t_BCHW, t_B, *cond)
+        with self.router.forced(guidance_generator(self.seed, float(t_B[0]))):
+            routed = velocity(x_t_BCHW, t_B, *cond)
+        return routed + self.scale * (full - routed)
