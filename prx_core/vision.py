@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from prx_core.routing import gather_tokens
+
 if TYPE_CHECKING:
     from prx_core.keys import RoutePlan
 
@@ -310,12 +312,6 @@ def token_grid(latent_BCHW: torch.Tensor | torch.Size, patch_size: int) -> tuple
 def route_covers(plan: RoutePlan | None, layer: int) -> bool:
     """Whether block ``layer`` sees only the routed (visible) tokens of ``plan``."""
     return plan is not None and plan.start <= layer <= plan.end
-
-
-def gather_tokens(tokens_BNE: torch.Tensor, index_BK: torch.Tensor) -> torch.Tensor:
-    """``tokens_BNE[b, index_BK[b, k]]`` for every b, k, as [B, K, E]."""
-    index_BKE = index_BK.to(device=tokens_BNE.device, dtype=torch.long)[:, :, None]
-    return torch.gather(tokens_BNE, 1, index_BKE.expand(-1, -1, tokens_BNE.shape[-1]))
 
 
 def visible_targets(targets_BNE: torch.Tensor, plan: RoutePlan | None, layer: int) -> torch.Tensor:

@@ -14,7 +14,6 @@ import torch  # noqa: E402
 from prx_sprint import SprintConfig  # noqa: E402
 from prx_sprint.fusion import SprintFusion  # noqa: E402
 from prx_sprint.router import SprintRouter  # noqa: E402
-from prx_sprint.routing import choose_visible, gather_rope, scatter_tokens, visible_count  # noqa: E402
 
 from prx_core import hookimpl  # noqa: E402
 from prx_core.config import RecipeError  # noqa: E402
@@ -23,6 +22,7 @@ from prx_core.denoiser import build_model, denoise  # noqa: E402
 from prx_core.keys import ROUTE_PLAN, RoutePlan, Stash  # noqa: E402
 from prx_core.plugins import installed_plugins  # noqa: E402
 from prx_core.recipe import ModelConfig, deep_merge  # noqa: E402
+from prx_core.routing import choose_visible, gather_rope, scatter_tokens, visible_count  # noqa: E402
 from prx_core.seeding import generator_for  # noqa: E402
 from prx_core.testing.fixtures import make_trainer, run_steps, tiny_recipe  # noqa: E402
 from prx_core.trainer import Trainer  # noqa: E402

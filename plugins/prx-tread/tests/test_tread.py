@@ -15,13 +15,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from prx_tread import TreadConfig  # noqa: E402
 from prx_tread.router import TreadRouter, guidance_generator  # noqa: E402
-from prx_tread.routing import (  # noqa: E402
-    choose_visible,
-    gather_rope,
-    gather_tokens,
-    scatter_tokens,
-    visible_count,
-)
 
 from prx_core import hookimpl  # noqa: E402
 from prx_core.config import RecipeError  # noqa: E402
@@ -31,6 +24,13 @@ from prx_core.flow import timestep_grid  # noqa: E402
 from prx_core.keys import ROUTE_PLAN, RoutePlan, Stash  # noqa: E402
 from prx_core.plugins import installed_plugins  # noqa: E402
 from prx_core.recipe import ModelConfig  # noqa: E402
+from prx_core.routing import (  # noqa: E402
+    choose_visible,
+    gather_rope,
+    gather_tokens,
+    scatter_tokens,
+    visible_count,
+)
 from prx_core.seeding import generator_for  # noqa: E402
 from prx_core.testing.fixtures import make_trainer, run_steps, tiny_recipe  # noqa: E402
 from prx_core.trainer import Trainer  # noqa: E402

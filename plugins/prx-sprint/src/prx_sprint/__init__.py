@@ -64,7 +64,8 @@ class SprintConfig:
 
 
 def _build(config: SprintConfig, run: Any) -> SprintRouter:
-    from prx_sprint.router import SprintRouter, check_span
+    from prx_core.routing import check_span
+    from prx_sprint.router import SprintRouter
 
     check_span(config.start, config.end, run.recipe.model.depth)
     return SprintRouter(config, seed=run.recipe.seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from prx_sprint.routing import scatter_tokens
+from prx_core.routing import scatter_tokens
 
 
 class SprintFusion(torch.nn.Module):

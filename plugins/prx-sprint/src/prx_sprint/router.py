@@ -14,10 +14,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from prx_core.config import RecipeError
 from prx_core.keys import ROUTE_PLAN, RoutePlan, StashKey
+from prx_core.routing import choose_visible, gather_rope, gather_tokens
 from prx_core.seeding import generator_for
-from prx_sprint.routing import choose_visible, gather_rope, gather_tokens
 
 if TYPE_CHECKING:
     from prx_core.context import ForwardContext
@@ -41,16 +40,6 @@ class _Entered:
 
 #: Private to this plugin: the dense input of block ``start`` and the route, from enter to exit.
 _ENTERED: StashKey[_Entered] = StashKey("sprint.entered")
-
-
-def check_span(start: int, end: int, depth: int) -> None:
-    if end >= depth:
-        raise RecipeError(
-            f"router.end is {end}, but the model has blocks 0..{depth - 1} (model.depth = {depth}); "
-            f"the routed span start..end is inclusive, so end must be < depth"
-        )
-    if start > end:
-        raise RecipeError(f"router.start ({start}) must be <= router.end ({end})")
 
 
 class SprintRouter:

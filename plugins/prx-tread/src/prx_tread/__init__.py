@@ -68,7 +68,8 @@ class TreadConfig:
 
 
 def _build(config: TreadConfig, run: Any) -> TreadRouter:
-    from prx_tread.router import TreadRouter, check_span
+    from prx_core.routing import check_span
+    from prx_tread.router import TreadRouter
 
     check_span(config.start, config.end, run.recipe.model.depth)
     if config.self_guidance > 0:

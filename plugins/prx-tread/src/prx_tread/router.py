@@ -16,10 +16,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from prx_core.config import RecipeError
 from prx_core.keys import ROUTE_PLAN, RoutePlan, StashKey
+from prx_core.routing import choose_visible, gather_rope, gather_tokens, scatter_tokens
 from prx_core.seeding import generator_for
-from prx_tread.routing import choose_visible, gather_rope, gather_tokens, scatter_tokens
 
 if TYPE_CHECKING:
     from prx_core.context import ForwardContext
@@ -41,17 +40,6 @@ class _Entered:
 
 #: Private to this plugin: the full-length tokens and the route, from ``enter`` to ``exit``.
 _ENTERED: StashKey[_Entered] = StashKey("tread.entered")
-
-
-def check_span(start: int, end: int, depth: int) -> None:
-    """The span must lie inside the model; the recipe's ``[router]`` table is named in the error."""
-    if end >= depth:
-        raise RecipeError(
-            f"router.end is {end}, but the model has blocks 0..{depth - 1} (model.depth = {depth}); "
-            f"the routed span start..end is inclusive, so end must be < depth"
-        )
-    if start > end:  # also checked by the config; repeated here for routers built by hand
-        raise RecipeError(f"router.start ({start}) must be <= router.end ({end})")
 
 
 def guidance_generator(seed: int, t: float) -> torch.Generator:

@@ -1,11 +1,9 @@
-"""Route maths for SPRINT: which image tokens stay visible, and moving tokens and RoPE rows in and out.
+"""Route maths for token routers (TREAD, SPRINT): which image tokens stay visible, and moving
+tokens and RoPE rows in and out. Core owns it so every router shares one tested implementation.
 
 Pure functions on tensors, no plugin state. Shapes: B samples, N (or L) image tokens, K visible
 tokens, H hidden width. Indices are always sorted per sample, so the visible tokens keep their
 relative order and the RoPE rows gathered with them keep each token's 2-D position.
-
-The same maths as ``prx_tread.routing``: plugins never import each other, so each router package
-carries its own copy (both are tested on hand-computed tensors).
 """
 
 from __future__ import annotations
@@ -13,6 +11,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from prx_core.config import RecipeError
 
 #: Tolerance when rounding p·N: 0.29·100 is 28.999999999999996 in floating point.
 _ROUND_EPS = 1e-9
@@ -80,3 +80,14 @@ def scatter_tokens(full_BNH: torch.Tensor, visible_BKH: torch.Tensor, index_BK: 
     dtype = torch.promote_types(full_BNH.dtype, visible_BKH.dtype)
     index_BKH = index_BK.to(device=full_BNH.device, dtype=torch.long)[:, :, None].expand(-1, -1, full_BNH.shape[-1])
     return torch.scatter(full_BNH.to(dtype), 1, index_BKH, visible_BKH.to(dtype))
+
+
+def check_span(start: int, end: int, depth: int) -> None:
+    """The span must lie inside the model; the recipe's ``[router]`` table is named in the error."""
+    if end >= depth:
+        raise RecipeError(
+            f"router.end is {end}, but the model has blocks 0..{depth - 1} (model.depth = {depth}); "
+            f"the routed span start..end is inclusive, so end must be < depth"
+        )
+    if start > end:  # also checked by the config; repeated here for routers built by hand
+        raise RecipeError(f"router.start ({start}) must be <= router.end ({end})")
