@@ -122,6 +122,7 @@ def cmd_check(argv: list[str]) -> int:
             continue
         chosen = ", ".join(f"{slot}={c.use}" for slot, c in recipe.slots.items())
         extra = f"; plugins: {', '.join(recipe.plugins)}" if recipe.plugins else ""
+        extra += f"; metrics: {', '.join(recipe.metrics)}" if recipe.metrics else ""
         print(f"ok   {path} ({chosen}{extra})")
     print(f"{len(files) - failures} ok, {failures} failed")
     return 1 if failures else 0

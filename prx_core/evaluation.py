@@ -7,6 +7,7 @@ features. Results are keyed ``eval/loss/t<lo>-<hi>``, ``eval/loss`` and ``eval/<
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -94,8 +95,14 @@ def evaluate(trainer: Trainer) -> dict[str, float]:
     was_training = run.require("trainable").training
     run.require("trainable").eval()
     results = validation_loss(trainer, mine)
+    registry = run.recipe.active.registries["metric"]
+
+    def build(name: str, config: Any) -> Callable[[], Any]:
+        return lambda: registry.get(name).factory(config, run)
+
+    # Built once per run: feature networks (Inception, CLIP, DINO) are not reloaded every evaluation.
     metrics = {
-        name: run.recipe.active.registries["metric"].get(name).factory(choice.config, run)
+        name: run.plugin_state(f"metric:{name}", build(name, choice.config))
         for name, choice in sorted(recipe.metrics.items())
     }
     if metrics:

@@ -191,6 +191,10 @@ def test_shipped_quickstart_recipe_runs_a_few_steps(tmp_path: Path) -> None:
         "sampling.steps=2",
         "--set",
         "sampling.num_prompts=4",
+        "--set",
+        "eval.num_samples=4",
+        "--set",
+        "eval.steps=2",
         cwd=tmp_path,
     )
     assert "finished step 3" in result.stdout
