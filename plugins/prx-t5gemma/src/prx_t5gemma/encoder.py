@@ -1,0 +1,134 @@
+"""The frozen T5-Gemma encoder behind the ``t5gemma`` text-encoder slot entry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _check_width(hidden_size: int, dim: int) -> None:
+    if hidden_size != dim:
+        raise ValueError(
+            f"t5gemma: [text_encoder] dim is {dim} but the checkpoint's encoder hidden_size is {hidden_size}; "
+            f"set dim = {hidden_size} (the denoiser's context_in_dim is sized from dim)"
+        )
+
+
+#: Where the encoder's tensors live in each way a T5Gemma checkpoint is saved: the hub's
+#: ``T5GemmaForConditionalGeneration`` -> ``model.encoder.*``, ``T5GemmaModel`` and
+#: ``T5GemmaEncoderModel`` -> ``encoder.*``, a bare ``T5GemmaEncoder`` (a PRXPipeline's
+#: ``text_encoder/``) -> no prefix. Decoder tensors match nothing and are never read.
+_KEY_MAPPING = {r"^(?:model\.)?encoder\.": ""}
+
+
+def load_t5gemma(
+    path: str,
+    subfolder: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    dim: int | None = None,
+    tokenizer_subfolder: str | None = None,
+) -> tuple[Any, Any]:
+    """Load ``(encoder, tokenizer)``: the one loading code path, for hub ids and local directories.
+
+    Builds only ``T5GemmaEncoder`` (the module diffusers' PRXPipeline uses as its text encoder),
+    from any checkpoint layout in ``_KEY_MAPPING``; the decoder's tensors are never materialised
+    (transformers lists them as UNEXPECTED in its load report). With ``dim`` given, the width is
+    checked from ``config.json`` before any weight is read. The tokenizer comes from
+    ``tokenizer_subfolder`` (default: ``subfolder``). The model comes back frozen (eval, no
+    gradients) on ``device`` in ``dtype``.
+    """
+    try:
+        from transformers import AutoConfig, AutoTokenizer
+        from transformers.models.t5gemma.modeling_t5gemma import T5GemmaEncoder
+    except ImportError as err:
+        raise ImportError("t5gemma needs transformers with T5Gemma: pip install 'transformers>=4.56'") from err
+
+    where = f"'{path}'" + (f" (subfolder '{subfolder}')" if subfolder else "")
+    try:
+        config = AutoConfig.from_pretrained(path, subfolder=subfolder)
+        # Checked before building anything: a foreign config would otherwise become a
+        # default-sized (2B) random model with every weight reported missing.
+        if config.model_type == "t5gemma":
+            config = config.encoder
+        elif config.model_type != "t5_gemma_module":
+            raise ValueError(f"t5gemma: {where} holds a '{config.model_type}' model, not a T5Gemma ('t5gemma') one")
+        if dim is not None:
+            _check_width(int(config.hidden_size), dim)
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, subfolder=subfolder if tokenizer_subfolder is None else tokenizer_subfolder
+        )
+        # dtype at load time, not a later .to(dtype): that would also cast the fp32 RoPE frequency
+        # buffers, which transformers deliberately keeps in full precision.
+        model, info = T5GemmaEncoder.from_pretrained(
+            path, subfolder=subfolder, config=config, key_mapping=_KEY_MAPPING, dtype=dtype, output_loading_info=True
+        )
+    except OSError as err:
+        raise OSError(f"t5gemma: cannot load a text encoder from {where}: {err}") from err
+    missing = sorted(info["missing_keys"])
+    if missing:
+        # Missing tensors are silently random-initialised by transformers; a text encoder with
+        # random layers would train a model on noise without any visible error.
+        raise ValueError(f"t5gemma: {where} has no weights for {len(missing)} encoder tensors, e.g. {missing[:3]}")
+    return model.to(device).eval().requires_grad_(False), tokenizer
+
+
+class T5GemmaTextEncoder:
+    """Prompts to right-padded token states + mask, following :class:`prx_core.slots.TextEncoder`.
+
+    States come out in the model's (frozen) dtype, the one the precision policy chose; the trainer
+    casts them where it needs another. Positions past each prompt's last token are exactly zero.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, max_length: int, dim: int, device: torch.device) -> None:
+        _check_width(int(model.config.hidden_size), dim)
+        positions = int(model.config.max_position_embeddings)
+        if max_length > positions:
+            raise ValueError(f"t5gemma: max_length {max_length} exceeds the encoder's {positions} positions")
+        if tokenizer.pad_token is None:
+            raise ValueError("t5gemma: the tokenizer has no pad token, so prompts cannot be padded")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.dim = dim
+        self.device = torch.device(device)
+        self._empty: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # no_grad rather than inference_mode: inference tensors cannot be saved for backward, and the
+    # trainer feeds these states into the denoiser's autograd graph.
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts to ``(states_BLD, mask_BL)`` with L == max_length; mask is bool, True = real token."""
+        if isinstance(prompts, str):
+            raise TypeError("encode takes a list of prompts, not a single string")
+        if not prompts:
+            states_0LD = torch.zeros(0, self.max_length, self.dim, dtype=self.model.dtype, device=self.device)
+            return states_0LD, torch.zeros(0, self.max_length, dtype=torch.bool, device=self.device)
+        # Right padding whatever the tokenizer's default (Gemma's pads left): the encoder numbers
+        # positions 0..L-1 regardless of the mask, so left padding would shift every real token's
+        # RoPE position and change its state with the amount of padding.
+        batch = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+            padding_side="right",
+            return_tensors="pt",
+        )
+        ids_BL = batch["input_ids"].to(self.device)
+        mask_BL = batch["attention_mask"].to(self.device).bool()
+        states_BLD = self.model(input_ids=ids_BL, attention_mask=mask_BL).last_hidden_state
+        # Zero padded positions so padding content cannot leak into the denoiser even through an
+        # attention kernel that ignores the mask.
+        return states_BLD.masked_fill(~mask_BL[..., None], 0.0), mask_BL
+
+    def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoding of ``""``, shapes (1, L, D) and (1, L); computed on first use, then cached.
+
+        Caption dropout and classifier-free guidance ask for it every step. Callers must not modify it.
+        """
+        if self._empty is None:
+            self._empty = self.encode([""])
+        return self._empty
