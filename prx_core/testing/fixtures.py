@@ -38,6 +38,7 @@ TINY_RECIPE: dict[str, Any] = {
     "text_encoder": {"use": "minilm", "max_length": 16},
     "data": {"use": "synthetic_shapes", "size": 16, "max_shapes": 1},
     "sampling": {"steps": 2, "num_prompts": 2, "cfg": 2.0},
+    "eval": {"num_samples": 4, "batch": 4, "steps": 2, "t_bins": 2},
 }
 
 

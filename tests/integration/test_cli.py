@@ -33,9 +33,14 @@ def prx_run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedPr
     return result
 
 
+def training_lines(run_dir: Path) -> list[dict]:
+    """metrics.jsonl lines of training steps (evaluation lines carry eval/... keys instead)."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if "loss" in line]
+
+
 def losses(run_dir: Path) -> dict[int, float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {json.loads(line)["step"]: json.loads(line)["loss"] for line in lines}
+    return {line["step"]: line["loss"] for line in training_lines(run_dir)}
 
 
 def test_full_run_leaves_a_complete_run_directory(tmp_path: Path) -> None:
@@ -204,7 +209,7 @@ def test_shipped_quickstart_recipe_runs_a_few_steps(tmp_path: Path) -> None:
 def test_throughput_is_logged_with_counted_flops(tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path, {"train": {"steps": 2, "peak_tflops": 0.5}, "eval": {"at_end": False}})
     prx_run(str(recipe), "--run-dir", "run", cwd=tmp_path)
-    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    last = training_lines(tmp_path / "run")[-1]
     for key in ("images_per_s", "batches_per_s", "tflops_per_s_per_device", "mfu", "peak_mem_gb"):
         assert last[key] > 0, key
     assert last["mfu"] == pytest.approx(last["tflops_per_s_per_device"] / 0.5)
