@@ -178,6 +178,8 @@ class Trainer:
             logging.getLogger("prx").setLevel(logging.WARNING)  # one rank speaks
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=recipe.train.keep_checkpoints)
         start_from = self._checkpoint_to_resume()
+        if recipe.overrides:
+            logger.info("recipe overrides (--set): %s", " ".join(recipe.overrides))
         barrier(self.dist)  # every rank decided before rank 0 writes into the run directory
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
