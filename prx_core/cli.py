@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prx_core.config import RecipeError
 
@@ -282,12 +282,50 @@ def cmd_export(argv: list[str]) -> int:
     modules = trainer.sampling_modules() if args.weights == "sampling" else trainer.run.require("trainable")
     path = export_diffusers(modules.model, args.out / "transformer")
     print(f"{path}: load with PRXTransformer2DModel.from_pretrained")
-    latent, text = trainer.recipe.slots["latent_space"].use, trainer.recipe.slots["text_encoder"].use
-    print(
-        f"no PRXPipeline folder: latent space '{latent}' and text encoder '{text}' are not PRXPipeline components "
-        "(it needs a diffusers VAE and the T5-Gemma encoder)"
-    )
+    missing = _write_pipeline(trainer, modules.model, args.out)
+    if missing:
+        print(f"no PRXPipeline folder: {missing}")
+    else:
+        print(f"{args.out}: load with PRXPipeline.from_pretrained")
     return 0
+
+
+def _write_pipeline(trainer: Trainer, model: Any, out: Path) -> str | None:
+    """Save a ``PRXPipeline`` to ``out`` when every component is a standard one.
+
+    Returns None once written, else why not (naming the component that is not standard). The
+    latent space and text encoder offer their components through the optional methods of
+    :class:`prx_core.slots.PipelineLatentSpace` / :class:`~prx_core.slots.PipelineTextEncoder`.
+    """
+    from prx_core.slots import PipelineLatentSpace, PipelineTextEncoder
+
+    slots, run = trainer.recipe.slots, trainer.run
+    objective = slots["objective"].use
+    if objective != "flow_matching":
+        return f"objective '{objective}' is not the velocity (flow_matching) objective PRXPipeline samples with"
+    latent_space = run.require("latent_space")
+    vae = latent_space.pipeline_vae() if isinstance(latent_space, PipelineLatentSpace) else None
+    if vae is None:
+        return f"latent space '{slots['latent_space'].use}' is not a diffusers autoencoder PRXPipeline can load"
+    # Core wraps the slot's encoder in a CachedTextEncoder; the plugin's object is inside.
+    encoder = getattr(run.require("text_encoder"), "encoder", None)
+    text = encoder.pipeline_text_components() if isinstance(encoder, PipelineTextEncoder) else None
+    if text is None:
+        return f"text encoder '{slots['text_encoder'].use}' is not a transformers encoder PRXPipeline can load"
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, PRXPipeline
+    from diffusers.pipelines.prx.pipeline_prx import ASPECT_RATIO_BINS
+
+    # Same shifted grid as training and prx-run sample: σ' = s·σ / (1 + (s − 1)·σ).
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=float(run.require("objective").shift))
+    size = getattr(trainer.recipe.slot_config("data"), "size", None)
+    extra = {"default_sample_size": size} if size in ASPECT_RATIO_BINS else {}
+    text_encoder, tokenizer = text
+    pipeline = PRXPipeline(
+        transformer=model, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae, **extra
+    )
+    pipeline.save_pretrained(out, safe_serialization=True)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,6 +45,20 @@ class LatentSpace(Protocol):
         ...
 
 
+@runtime_checkable
+class PipelineLatentSpace(Protocol):
+    """Optional extra of a :class:`LatentSpace`, asked for by ``prx-run export``.
+
+    A latent space backed by a standard diffusers autoencoder (``AutoencoderKL``,
+    ``AutoencoderDC``) may define ``pipeline_vae`` returning that frozen module, with its config's
+    ``scaling_factor`` / ``shift_factor`` describing this latent space's normalisation
+    (``PRXPipeline`` decodes ``latents / scaling_factor + shift_factor``); ``None`` (or no method)
+    means no standard component exists, and export then writes only the transformer.
+    """
+
+    def pipeline_vae(self) -> torch.nn.Module | None: ...
+
+
 class TextEncoderConfig(Protocol):
     """The text width is needed before loading, to size the denoiser's ``context_in_dim``."""
 
@@ -63,6 +77,19 @@ class TextEncoder(Protocol):
     def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The empty-prompt encoding (1, L, D), (1, L); computed once and cached."""
         ...
+
+
+@runtime_checkable
+class PipelineTextEncoder(Protocol):
+    """Optional extra of a :class:`TextEncoder`, asked for by ``prx-run export``.
+
+    An encoder that is a standard transformers model may define ``pipeline_text_components``
+    returning ``(model, tokenizer)`` as ``PRXPipeline`` uses them: the pipeline tokenizes with the
+    tokenizer's own ``padding_side`` and ``model_max_length``, so the returned tokenizer must be set
+    up to reproduce training's encoding. ``None`` (or no method) means no standard component.
+    """
+
+    def pipeline_text_components(self) -> tuple[torch.nn.Module, Any] | None: ...
 
 
 class Objective(Protocol):

@@ -58,6 +58,17 @@ class DCAESpace:
         self.ae, self.scale = ae, scale
         self.channels, self.spatial_compression = config.channels, config.spatial_compression
 
+    def pipeline_vae(self) -> AutoencoderDC:
+        """The autoencoder for a ``PRXPipeline`` export (:class:`prx_core.slots.PipelineLatentSpace`).
+
+        The pipeline decodes ``latents / scaling_factor + shift_factor`` from the autoencoder's
+        config (a missing ``shift_factor`` reads as 0, as here), so the config gets the scale this
+        space uses, possibly the recipe's override. Only the config changes; this space never reads
+        it after construction.
+        """
+        self.ae.register_to_config(scaling_factor=self.scale)
+        return self.ae
+
     def encode(self, images_BCHW: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         return self.ae.encode((images_BCHW * 2 - 1).to(self.ae.device, self.ae.dtype)).latent * self.scale
 

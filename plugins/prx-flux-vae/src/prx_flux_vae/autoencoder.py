@@ -64,6 +64,16 @@ class FluxVAESpace:
         self.scale, self.shift = config.scaling_factor, config.shift_factor
         self.sample_posterior = config.sample_posterior
 
+    def pipeline_vae(self) -> AutoencoderKL:
+        """The autoencoder for a ``PRXPipeline`` export (:class:`prx_core.slots.PipelineLatentSpace`).
+
+        The pipeline decodes ``latents / scaling_factor + shift_factor`` from the autoencoder's
+        config, so that config is set to this space's normalisation (a checkpoint may state other
+        values, or none). Only the config changes; this space never reads it.
+        """
+        self.vae.register_to_config(scaling_factor=self.scale, shift_factor=self.shift)
+        return self.vae
+
     def encode(self, images_BCHW: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         signed_BCHW = (images_BCHW * 2 - 1).to(device=self.vae.device, dtype=self.vae.dtype)
         posterior = self.vae.encode(signed_BCHW).latent_dist

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -67,6 +68,10 @@ def load_t5gemma(
         )
     except OSError as err:
         raise OSError(f"t5gemma: cannot load a text encoder from {where}: {err}") from err
+    # transformers remembers the key mapping and reverses it on save_pretrained, which cannot undo a
+    # regex (it writes keys like "?encoder.layers..."); the mapping is only for reading the hub's
+    # layouts, so saving (e.g. a PRXPipeline's text_encoder/) must write the module's own names.
+    model._weight_conversions = []
     missing = sorted(info["missing_keys"])
     if missing:
         # Missing tensors are silently random-initialised by transformers; a text encoder with
@@ -95,6 +100,28 @@ class T5GemmaTextEncoder:
         self.dim = dim
         self.device = torch.device(device)
         self._empty: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def pipeline_text_components(self) -> tuple[Any, Any]:
+        """``(T5GemmaEncoder, tokenizer)`` for a ``PRXPipeline`` export
+        (:class:`prx_core.slots.PipelineTextEncoder`).
+
+        The pipeline tokenizes with the tokenizer's own defaults, so the tokenizer returned is a
+        copy set to what :meth:`encode` passes explicitly: right padding to ``max_length``.
+
+        diffusers loads a PRXPipeline's ``text_encoder/`` by reading a composite ``T5GemmaConfig``
+        and building the encoder from its ``.encoder``; a bare module config there would build a
+        default-sized (2B) encoder. So the model returned is a shallow copy (same parameters) whose
+        config is that composite, leaving this encoder's own config untouched.
+        """
+        from transformers import T5GemmaConfig
+
+        module = self.model.config.to_dict()
+        exported = copy.copy(self.model)
+        exported.config = T5GemmaConfig(encoder=module, decoder=module, vocab_size=self.model.config.vocab_size)
+        tokenizer = copy.deepcopy(self.tokenizer)
+        tokenizer.padding_side = "right"
+        tokenizer.model_max_length = self.max_length
+        return exported, tokenizer
 
     # no_grad rather than inference_mode: inference tensors cannot be saved for backward, and the
     # trainer feeds these states into the denoiser's autograd graph.

@@ -57,7 +57,8 @@ def save_tiny_t5gemma(
 
     ``layout`` picks the saved class: ``conditional_generation`` (the hub's encoder-decoder,
     ``model.encoder.*`` and ``model.decoder.*``), ``encoder_model`` (``T5GemmaEncoderModel``,
-    ``encoder.*``) or ``encoder`` (a bare ``T5GemmaEncoder``, as in a PRXPipeline's ``text_encoder/``).
+    ``encoder.*``) or ``encoder`` (a bare ``T5GemmaEncoder``; note that a PRXPipeline's ``text_encoder/`` folder
+    carries the combined T5Gemma config, see ``pipeline_text_components``).
     """
     from transformers import T5GemmaConfig, T5GemmaEncoderModel, T5GemmaForConditionalGeneration
 
