@@ -174,7 +174,7 @@ def test_dim_mismatch_names_both_widths(tiny_dir: Path) -> None:
 
 
 def test_max_length_beyond_trained_positions(tiny_dir: Path) -> None:
-    with pytest.raises(ValueError, match="exceeds the encoder's 64"):
+    with pytest.raises(ValueError, match="exceeds the model's 64"):
         _build(_config(tiny_dir, max_length=65), _run())
 
 

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from prx_core.text_encoding import PaddedTextEncoder
+
 #: Where the language model's tensors live in each way a Qwen3-VL checkpoint is saved:
 #: ``Qwen3VLForConditionalGeneration`` (the hub's) -> ``model.language_model.*``,
 #: ``Qwen3VLModel`` -> ``language_model.*``, ``Qwen3VLTextModel`` (a PRXPixelPipeline's
@@ -74,7 +76,7 @@ def load_qwen3vl(
     return model.to(device).eval().requires_grad_(False), tokenizer
 
 
-class Qwen3VLTextEncoder:
+class Qwen3VLTextEncoder(PaddedTextEncoder):
     """Prompts to right-padded token states + mask, following :class:`prx_core.slots.TextEncoder`.
 
     Prompts are tokenised as they are, with no chat template and no added special token (Qwen's
@@ -83,53 +85,9 @@ class Qwen3VLTextEncoder:
     prompt's last token are exactly zero.
     """
 
+    name = "qwen3vl"
+    forward_kwargs = {"use_cache": False}  # no KV cache: one forward per batch
+
     def __init__(self, model: Any, tokenizer: Any, max_length: int, dim: int, device: torch.device) -> None:
         _check_width(int(model.config.hidden_size), dim)
-        positions = int(model.config.max_position_embeddings)
-        if max_length > positions:
-            raise ValueError(f"qwen3vl: max_length {max_length} exceeds the model's {positions} positions")
-        if tokenizer.pad_token is None:
-            raise ValueError("qwen3vl: the tokenizer has no pad token, so prompts cannot be padded")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.dim = dim
-        self.device = torch.device(device)
-        self._empty: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    # no_grad rather than inference_mode: inference tensors cannot be saved for backward, and the
-    # trainer feeds these states into the denoiser's autograd graph.
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts to ``(states_BLD, mask_BL)`` with L == max_length; mask is bool, True = real token."""
-        if isinstance(prompts, str):
-            raise TypeError("encode takes a list of prompts, not a single string")
-        if not prompts:
-            states_0LD = torch.zeros(0, self.max_length, self.dim, dtype=self.model.dtype, device=self.device)
-            return states_0LD, torch.zeros(0, self.max_length, dtype=torch.bool, device=self.device)
-        # Right padding whatever the tokenizer's default: with causal attention real tokens then
-        # never see padding, and their RoPE positions are 0..n-1 as in an unpadded forward.
-        batch = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_length,
-            padding_side="right",
-            return_tensors="pt",
-        )
-        ids_BL = batch["input_ids"].to(self.device)
-        mask_BL = batch["attention_mask"].to(self.device).bool()
-        states_BLD = self.model(input_ids=ids_BL, attention_mask=mask_BL, use_cache=False).last_hidden_state
-        # Zero padded positions so padding content cannot leak into the denoiser even through an
-        # attention kernel that ignores the mask (and so a row with no real token, whose padded
-        # queries attend to nothing, cannot carry NaN).
-        return states_BLD.masked_fill(~mask_BL[..., None], 0.0), mask_BL
-
-    def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The encoding of ``""``, shapes (1, L, D) and (1, L): all zeros, all-False mask; cached.
-
-        Caption dropout and classifier-free guidance ask for it every step. Callers must not modify it.
-        """
-        if self._empty is None:
-            self._empty = self.encode([""])
-        return self._empty
+        super().__init__(model, tokenizer, max_length, dim, device)

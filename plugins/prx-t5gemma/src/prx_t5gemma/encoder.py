@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from prx_core.text_encoding import PaddedTextEncoder
+
 
 def _check_width(hidden_size: int, dim: int) -> None:
     if hidden_size != dim:
@@ -80,26 +82,18 @@ def load_t5gemma(
     return model.to(device).eval().requires_grad_(False), tokenizer
 
 
-class T5GemmaTextEncoder:
+class T5GemmaTextEncoder(PaddedTextEncoder):
     """Prompts to right-padded token states + mask, following :class:`prx_core.slots.TextEncoder`.
 
     States come out in the model's (frozen) dtype, the one the precision policy chose; the trainer
     casts them where it needs another. Positions past each prompt's last token are exactly zero.
     """
 
+    name = "t5gemma"
+
     def __init__(self, model: Any, tokenizer: Any, max_length: int, dim: int, device: torch.device) -> None:
         _check_width(int(model.config.hidden_size), dim)
-        positions = int(model.config.max_position_embeddings)
-        if max_length > positions:
-            raise ValueError(f"t5gemma: max_length {max_length} exceeds the encoder's {positions} positions")
-        if tokenizer.pad_token is None:
-            raise ValueError("t5gemma: the tokenizer has no pad token, so prompts cannot be padded")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.dim = dim
-        self.device = torch.device(device)
-        self._empty: tuple[torch.Tensor, torch.Tensor] | None = None
+        super().__init__(model, tokenizer, max_length, dim, device)
 
     def pipeline_text_components(self) -> tuple[Any, Any]:
         """``(T5GemmaEncoder, tokenizer)`` for a ``PRXPipeline`` export
@@ -122,40 +116,3 @@ class T5GemmaTextEncoder:
         tokenizer.padding_side = "right"
         tokenizer.model_max_length = self.max_length
         return exported, tokenizer
-
-    # no_grad rather than inference_mode: inference tensors cannot be saved for backward, and the
-    # trainer feeds these states into the denoiser's autograd graph.
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts to ``(states_BLD, mask_BL)`` with L == max_length; mask is bool, True = real token."""
-        if isinstance(prompts, str):
-            raise TypeError("encode takes a list of prompts, not a single string")
-        if not prompts:
-            states_0LD = torch.zeros(0, self.max_length, self.dim, dtype=self.model.dtype, device=self.device)
-            return states_0LD, torch.zeros(0, self.max_length, dtype=torch.bool, device=self.device)
-        # Right padding whatever the tokenizer's default (Gemma's pads left): the encoder numbers
-        # positions 0..L-1 regardless of the mask, so left padding would shift every real token's
-        # RoPE position and change its state with the amount of padding.
-        batch = self.tokenizer(
-            list(prompts),
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_length,
-            padding_side="right",
-            return_tensors="pt",
-        )
-        ids_BL = batch["input_ids"].to(self.device)
-        mask_BL = batch["attention_mask"].to(self.device).bool()
-        states_BLD = self.model(input_ids=ids_BL, attention_mask=mask_BL).last_hidden_state
-        # Zero padded positions so padding content cannot leak into the denoiser even through an
-        # attention kernel that ignores the mask.
-        return states_BLD.masked_fill(~mask_BL[..., None], 0.0), mask_BL
-
-    def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The encoding of ``""``, shapes (1, L, D) and (1, L); computed on first use, then cached.
-
-        Caption dropout and classifier-free guidance ask for it every step. Callers must not modify it.
-        """
-        if self._empty is None:
-            self._empty = self.encode([""])
-        return self._empty
