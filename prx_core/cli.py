@@ -145,14 +145,16 @@ def cmd_train(argv: list[str]) -> int:
     run_dir = args.run_dir or Path("runs") / recipe.name
     trainer = Trainer(recipe, run_dir, resume=args.resume, allow_drift=args.allow_drift, command=sys.argv)
     started = time.perf_counter()
+    finished = False
     try:
         trainer.setup()
         result = trainer.fit()
+        finished = True
     except (TrainingError, RecipeError) as err:
         print(f"prx-run: {err}", file=sys.stderr)
         return 1
     finally:
-        shutdown()
+        shutdown(finished)
     if not trainer.dist.is_main:
         return 0
     minutes = (time.perf_counter() - started) / 60

@@ -54,9 +54,16 @@ def init_from_env(device_type: str) -> DistEnv:
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank)
 
 
-def shutdown() -> None:
+def shutdown(finished: bool = True) -> None:
+    """Leave the process group. After a run that finished, ranks leave together: a rank that tears
+    down its gloo pairs while another still works (rank 0 exporting, say) can abort that process at
+    exit. After an error there is no barrier, since the other ranks may never reach it."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if finished:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def barrier(env: DistEnv) -> None:
