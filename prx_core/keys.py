@@ -81,3 +81,12 @@ X0_PREDICTION: StashKey[torch.Tensor] = StashKey("x0_prediction")
 ROUTE_PLAN: StashKey[RoutePlan] = StashKey("route_plan")
 #: Image tokens captured after a block, keyed by block index; tokens are [B, L_visible, H].
 CAPTURED_FEATURES: StashKey[dict[int, torch.Tensor]] = StashKey("captured_features")
+
+
+def captured_block(stash: Stash, layer: int, plugin: str) -> torch.Tensor:
+    """Block ``layer``'s output tokens from this forward, with an error naming the plugin that
+    needed them when the block was not captured (it must call ``run.capture_after_block``)."""
+    captured = stash.get(CAPTURED_FEATURES, {})
+    if layer not in captured:
+        raise RuntimeError(f"{plugin}: block {layer} was not captured in this forward pass")
+    return captured[layer]

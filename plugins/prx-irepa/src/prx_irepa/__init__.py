@@ -136,17 +136,14 @@ def prx_build_modules(run: RunContext) -> dict[str, torch.nn.Module]:
 
 @hookimpl
 def prx_loss_terms(step: StepContext) -> list[LossTerm]:
-    from prx_core.keys import CAPTURED_FEATURES, ROUTE_PLAN
+    from prx_core.keys import ROUTE_PLAN, captured_block
     from prx_irepa.alignment import irepa_loss
 
     run = step.run
     config: IrepaConfig = run.plugin_config(INFO.name)
-    captured = step.stash[CAPTURED_FEATURES]
-    if config.layer not in captured:
-        raise RuntimeError(f"irepa: block {config.layer} was not captured in this forward pass")
     value = irepa_loss(
         run.require("trainable").extras[INFO.name],
-        captured[config.layer],
+        captured_block(step.stash, config.layer, INFO.name),
         loaded_teacher(run),
         step.images_BCHW,
         step.x0_BCHW,
