@@ -13,6 +13,7 @@ Torch is imported only by the commands that need it, so ``check`` and ``plugins`
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import time
@@ -330,6 +331,10 @@ def _write_pipeline(trainer: Trainer, model: Any, out: Path) -> str | None:
     return None
 
 
+#: ``prx-run <command>`` → module in :mod:`prx_core.commands` with ``main(argv) -> int``.
+EXTERNAL_COMMANDS = {"precompute": "precompute", "ablate": "ablate", "report": "report"}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"check": cmd_check, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export}
@@ -337,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_plugins()
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
+    if argv and argv[0] in EXTERNAL_COMMANDS:
+        module = importlib.import_module(f"prx_core.commands.{EXTERNAL_COMMANDS[argv[0]]}")
+        return int(module.main(argv[1:]))
     return cmd_train(argv)
 
 
