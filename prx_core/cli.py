@@ -144,12 +144,19 @@ def cmd_train(argv: list[str]) -> int:
     from prx_core.trainer import Trainer, TrainingError
 
     run_dir = args.run_dir or Path("runs") / recipe.name
-    trainer = Trainer(recipe, run_dir, resume=args.resume, allow_drift=args.allow_drift, command=sys.argv)
     started = time.perf_counter()
     finished = False
     try:
-        trainer.setup()
-        result = trainer.fit()
+        if recipe.stages:
+            from prx_core.stages import run_stages
+
+            staged = run_stages(recipe, run_dir, args.resume, args.allow_drift, sys.argv)
+            trainer, result, output_dir = staged.trainer, staged.fit, staged.stage_dir
+        else:
+            trainer = Trainer(recipe, run_dir, resume=args.resume, allow_drift=args.allow_drift, command=sys.argv)
+            trainer.setup()
+            result = trainer.fit()
+            output_dir = run_dir
         finished = True
     except (TrainingError, RecipeError) as err:
         print(f"prx-run: {err}", file=sys.stderr)
@@ -162,6 +169,9 @@ def cmd_train(argv: list[str]) -> int:
     state = "stopped early at" if result.stopped_early else "finished"
     print(f"\n{recipe.name}: {state} step {result.step} in {minutes:.1f} min, final loss {result.final_loss:.4f}")
     print(f"run directory: {run_dir}")
+    if output_dir != run_dir:
+        print(f"  {'stages':<17} {run_dir / 'stages.json'} (last stage: {output_dir})")
+    run_dir = output_dir
     for label, rel in (
         ("resolved recipe", "recipe.toml"),
         ("metrics", "metrics.jsonl"),

@@ -171,7 +171,7 @@ CORE_SECTIONS: dict[str, type] = {
     "sampling": SamplingConfig,
     "eval": EvalConfig,
 }
-TOP_LEVEL_SCALARS = ("name", "seed", "description", "extends")
+TOP_LEVEL_SCALARS = ("name", "seed", "description", "extends", "reference")
 #: Slot defaults: core's builtins (DESIGN principle 2). Slots without a default must be chosen.
 SLOT_DEFAULTS: dict[str, str | None] = {
     "latent_space": "pixel",
@@ -213,6 +213,12 @@ class Recipe:
     source: Path | None
     overrides: list[str]
     active: ActivePlugins = field(repr=False)
+    #: ``[[stages]]``: consecutive parts of one run, each with its own effective recipe (empty: one stage).
+    stages: list[Stage] = field(default_factory=list)
+    #: The ``[[stages]]`` tables as written (after ``--set``), for the resolved recipe.
+    stage_tables: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    #: The SPEC §5 row this recipe reproduces (a key of :data:`prx_core.published.PUBLISHED`), or "".
+    reference: str = ""
 
     def slot_config(self, slot: str) -> Any:
         return self.slots[slot].config
@@ -220,6 +226,8 @@ class Recipe:
     def resolved(self) -> dict[str, Any]:
         """The complete recipe with every default filled in; re-loadable by :func:`load`."""
         out: dict[str, Any] = {"name": self.name, "seed": self.seed, "description": self.description}
+        if self.reference:
+            out["reference"] = self.reference
         for section in CORE_SECTIONS:
             table = to_table(getattr(self, section))
             out[section] = {k: v for k, v in table.items() if v is not None}
@@ -235,7 +243,29 @@ class Recipe:
             out["plugins"] = {
                 n: {k: v for k, v in to_table(c).items() if v is not None} for n, c in sorted(self.plugins.items())
             }
+        if self.stage_tables:
+            out["stages"] = [dict(t) for t in self.stage_tables]
         return out
+
+
+@dataclass
+class Stage:
+    """One ``[[stages]]`` entry: global steps ``first_step + 1 .. last_step`` trained with ``recipe``.
+
+    ``recipe`` is the parent recipe with the stage's tables deep-merged over it, its ``remove``
+    tables dropped, the recipe's ``--set`` overrides applied again on top (so a smoke-test override
+    wins in every stage), and ``train.steps = last_step``.
+    """
+
+    index: int
+    name: str
+    first_step: int
+    last_step: int
+    recipe: Recipe
+
+    @property
+    def dir_name(self) -> str:
+        return f"{self.index + 1}-{self.name}"
 
 
 # --------------------------------------------------------------------------- loading
@@ -316,15 +346,40 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def _set_path(data: dict[str, Any], parts: list[str], value: Any) -> dict[str, Any]:
+    """``data`` with ``parts`` set to ``value``; a numeric part indexes an array (``stages.1.steps``)."""
+    head, rest = parts[0], parts[1:]
+    current = data.get(head)
+    if isinstance(current, list) and rest and rest[0].isdigit():
+        position = int(rest[0])
+        if position >= len(current):
+            raise RecipeError(
+                f"{OVERRIDE_SOURCE}: '{'.'.join(parts)}': '{head}' has {len(current)} entries (0-based index)"
+            )
+        items = list(current)
+        entry = items[position]
+        if len(rest) == 1:
+            items[position] = value
+        elif isinstance(entry, Mapping):
+            items[position] = _set_path(dict(entry), rest[1:], value)
+        else:
+            raise RecipeError(f"{OVERRIDE_SOURCE}: '{'.'.join(parts)}': {head}[{position}] is not a table")
+        return {**data, head: items}
+    patch: dict[str, Any] = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        patch = {part: patch}
+    return deep_merge(data, patch)
+
+
 def apply_overrides(raw: RawRecipe, overrides: list[str]) -> RawRecipe:
     data = raw.data
     origin = dict(raw.origin)
     for text in overrides:
         parts, value = parse_override(text)
+        data = _set_path(data, parts, value)
         patch: dict[str, Any] = {parts[-1]: value}
         for part in reversed(parts[:-1]):
             patch = {part: patch}
-        data = deep_merge(data, patch)
         _record(origin, patch, OVERRIDE_SOURCE)
     return RawRecipe(data, origin, raw.source, [*raw.overrides, *overrides])
 
@@ -347,6 +402,98 @@ def _table(raw: RawRecipe, key: str) -> dict[str, Any]:
 
 
 def validate(raw: RawRecipe) -> Recipe:
+    """Bind and check a merged recipe; a recipe with ``[[stages]]`` is checked once per stage too."""
+    stage_tables = raw.data.get("stages")
+    if stage_tables is None:
+        return _validate_single(raw)
+    base_data = {k: v for k, v in raw.data.items() if k != "stages"}
+    tables = _check_stage_tables(raw, stage_tables)
+    total = sum(int(t["steps"]) for t in tables)
+    base_raw = RawRecipe(deep_merge(base_data, {"train": {"steps": total}}), raw.origin, raw.source, raw.overrides)
+    recipe = _validate_single(base_raw)
+    first = 0
+    for index, table in enumerate(tables):
+        last = first + int(table["steps"])
+        effective = _stage_data(base_data, table, raw, index)
+        effective = deep_merge(effective, {"train": {"steps": last}})
+        stage_raw = RawRecipe(effective, raw.origin, raw.source, raw.overrides)
+        try:
+            stage_recipe = _validate_single(stage_raw)
+        except RecipeError as err:
+            raise RecipeError(f"stage {index + 1} ('{table['name']}'): {err}") from err
+        recipe.stages.append(Stage(index, str(table["name"]), first, last, stage_recipe))
+        first = last
+    recipe.stage_tables = [dict(t) for t in tables]
+    return recipe
+
+
+#: Keys of a ``[[stages]]`` entry besides recipe tables.
+STAGE_KEYS = ("name", "steps", "remove")
+
+
+def _check_stage_tables(raw: RawRecipe, value: Any) -> list[dict[str, Any]]:
+    where = raw.where("stages")
+    if not isinstance(value, list) or not value or not all(isinstance(t, Mapping) for t in value):
+        raise RecipeError(f"{where}: 'stages' must be a non-empty array of tables ([[stages]])")
+    overlayable = (*CORE_SECTIONS, *RECIPE_SLOTS, "plugins", "metrics")
+    names: set[str] = set()
+    tables = []
+    for index, table in enumerate(value):
+        label = f"{where}: stages[{index}]"
+        for key in table:
+            if key not in (*STAGE_KEYS, *overlayable):
+                raise RecipeError(f"{label}: unknown key '{key}'{suggest(key, (*STAGE_KEYS, *overlayable))}")
+            if key in overlayable and not isinstance(table[key], Mapping):
+                raise RecipeError(f"{label}: '{key}' must be a table of recipe settings")
+        name = table.get("name")
+        if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
+            raise RecipeError(f"{label}: 'name' must be a non-empty name of letters, digits, '-' or '_', got {name!r}")
+        if name in names:
+            raise RecipeError(f"{label}: stage name '{name}' is used twice")
+        names.add(name)
+        steps = table.get("steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise RecipeError(f"{label} ('{name}'): 'steps' must be an int >= 1, got {steps!r}")
+        remove = table.get("remove", [])
+        if not isinstance(remove, list) or not all(isinstance(r, str) and r for r in remove):
+            raise RecipeError(f"{label} ('{name}'): 'remove' must be a list of dotted table names")
+        tables.append(dict(table))
+    return tables
+
+
+def _stage_data(base: dict[str, Any], table: Mapping[str, Any], raw: RawRecipe, index: int) -> dict[str, Any]:
+    overlay = {k: v for k, v in table.items() if k not in STAGE_KEYS}
+    data = deep_merge(base, overlay)
+    for dotted in table.get("remove", []):
+        parts = dotted.split(".")
+        parent: Any = data
+        for part in parts[:-1]:
+            parent = parent.get(part) if isinstance(parent, Mapping) else None
+        if not isinstance(parent, dict) or parts[-1] not in parent:
+            raise RecipeError(
+                f"{raw.where('stages')}: stages[{index}] ('{table['name']}'): cannot remove '{dotted}': the recipe "
+                "has no such table"
+            )
+        parent = _copy_path(data, parts[:-1])
+        del parent[parts[-1]]
+    # --set overrides win over stage tables, so one override scales every stage down.
+    for text in raw.overrides:
+        parts, value = parse_override(text)
+        if parts[0] != "stages":
+            data = _set_path(data, parts, value)
+    return data
+
+
+def _copy_path(data: dict[str, Any], parts: list[str]) -> dict[str, Any]:
+    """The table at ``parts``, copied along the way so shared parent tables are not mutated."""
+    table = data
+    for part in parts:
+        table[part] = dict(table[part])
+        table = table[part]
+    return table
+
+
+def _validate_single(raw: RawRecipe) -> Recipe:
     allowed = (*TOP_LEVEL_SCALARS, *CORE_SECTIONS, *RECIPE_SLOTS, "plugins", "metrics")
     for key in raw.data:
         if key not in allowed:
@@ -362,6 +509,7 @@ def validate(raw: RawRecipe) -> Recipe:
     description = raw.data.get("description", "")
     if not isinstance(description, str):
         raise RecipeError(f"{raw.where('description')}: 'description' must be a string")
+    reference = _reference(raw)
 
     sections: dict[str, Any] = {
         s: bind(cls, _table(raw, s), prefix=s, where=raw.where) for s, cls in CORE_SECTIONS.items()
@@ -417,6 +565,7 @@ def validate(raw: RawRecipe) -> Recipe:
         name=name,
         seed=seed,
         description=description,
+        reference=reference,
         model=sections["model"],
         train=sections["train"],
         schedule=sections["schedule"],
@@ -431,6 +580,21 @@ def validate(raw: RawRecipe) -> Recipe:
     )
     check_compatibility(recipe, raw)
     return recipe
+
+
+def _reference(raw: RawRecipe) -> str:
+    """``reference = "<table>/<row>"``: the published SPEC §5 result the recipe reproduces (for reports)."""
+    from prx_core.published import lookup
+
+    reference = raw.data.get("reference", "")
+    if not isinstance(reference, str):
+        raise RecipeError(f"{raw.where('reference')}: 'reference' must be a string, got {reference!r}")
+    if reference:
+        try:
+            lookup(reference)
+        except KeyError as err:
+            raise RecipeError(f"{raw.where('reference')}: 'reference': {err.args[0]}") from None
+    return reference
 
 
 def capabilities(recipe: Recipe) -> set[str]:

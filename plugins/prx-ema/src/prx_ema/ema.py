@@ -153,5 +153,7 @@ class EmaState:
     def state_dict(self) -> dict[str, Any]:
         return dict(self._modules().state_dict())
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._modules().load_state_dict(state)
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """``strict=False`` (a new ``[[stages]]`` stage that adds or drops plugin modules) keeps the
+        averages of the modules both have; the others start from the live weights."""
+        self._modules().load_state_dict(state, strict=strict)
