@@ -147,6 +147,10 @@ class SpikeDetector:
         self.mean, self.seen, self.count = float(state["mean"]), int(state["seen"]), int(state["count"])
 
 
+def _few(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f", … (+{len(names) - limit})" if len(names) > limit else "")
+
+
 class Trainer:
     def __init__(
         self,
@@ -155,10 +159,13 @@ class Trainer:
         resume: str | None = None,
         allow_drift: bool = False,
         command: list[str] | None = None,
+        continue_from: tuple[CheckpointInfo, int] | None = None,
     ) -> None:
         self.recipe = recipe
         self.run_dir = run_dir
         self.resume = resume
+        #: (checkpoint of the previous stage, its last step): weights to start a new stage from.
+        self.continue_from = continue_from
         self.allow_drift = allow_drift
         self.command = command or []
         self.stop_requested = False
@@ -225,8 +232,11 @@ class Trainer:
         self.pm.hook.prx_before_training(run=run)
         if start_from is not None:
             self._load(start_from)
-        elif self.dist.is_main:
-            write_run_files(self.run_dir, recipe, self.command)
+        else:
+            if self.continue_from is not None:
+                self._continue_stage(*self.continue_from)
+            if self.dist.is_main:
+                write_run_files(self.run_dir, recipe, self.command)
         run.precision.check(run.trainable, self.optimizer, "after resume" if start_from else "at start")
         n_params = sum(p.numel() for p in run.trainable.parameters())
         logger.info(
@@ -672,6 +682,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "trainer": {
                 "step": self.step,
+                # Optimizer state is keyed by position; the names let a later stage map it by name.
+                "param_names": self._optimizer_param_names(),
                 "rng": rng,
                 "data_fingerprint": self.run.require("data").fingerprint,
                 "nonfinite_skipped": self.nonfinite_skipped,
@@ -718,6 +730,83 @@ class Trainer:
         if self.dist.is_main:
             truncate_metrics(self.run_dir / METRICS_FILE, self.step)
         logger.info("resumed from %s at step %d", info.path, self.step)
+
+    def _optimizer_param_names(self) -> list[str]:
+        names = {id(p): n for n, p in self.run.require("trainable").named_parameters()}
+        return [names.get(id(p), "") for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _continue_stage(self, info: CheckpointInfo, first_step: int) -> None:
+        """Start this stage from the previous stage's last checkpoint, at global step ``first_step``.
+
+        Weights carry over by name: modules of plugins the stage drops (e.g. REPA's projector) are
+        left behind and modules it adds keep their fresh init, both logged. Optimizer state carries
+        over by parameter name when the checkpoint recorded names and the run is not sharded;
+        otherwise it restarts (logged). Plugin state (EMA) loads non-strictly where the plugin allows.
+        """
+        parts, _ = self.checkpoints.load(info, device="cpu")
+        trainable = self.run.require("trainable")
+        sharded = is_sharded(trainable)
+        current = trainable.state_dict()  # DTensors when sharded: names and global shapes are what matter
+        saved = parts["trainable"]
+        carried = {k: v for k, v in saved.items() if k in current}
+        for key, value in carried.items():
+            if tuple(value.shape) != tuple(current[key].shape):
+                raise TrainingError(
+                    f"stage continues from {info.path}, but '{key}' changed shape "
+                    f"({tuple(value.shape)} -> {tuple(current[key].shape)}); stages may not change the model"
+                )
+        dropped = sorted(set(saved) - set(current))
+        fresh = sorted(set(current) - set(saved))
+        if dropped:
+            logger.info("stage start: %d unused tensor(s) of the previous stage (%s)", len(dropped), _few(dropped))
+        if fresh:
+            logger.info("stage start: %d tensor(s) start from their init (%s)", len(fresh), _few(fresh))
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            # Fresh tensors keep their init: gathered (a collective, in the same order on every rank).
+            full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sorted(current.items())}
+            set_model_state_dict(trainable, {**full, **carried}, options=StateDictOptions(full_state_dict=True))
+            logger.warning("stage start: optimizer state restarts (sharded run: state is not mapped by name)")
+        else:
+            trainable.load_state_dict({**current, **carried})
+            self.optimizer.load_state_dict(self._carried_optimizer_state(parts))
+        for key, obj in self.plugin_states().items():
+            state = parts["plugins"].get(key)
+            if state is None:
+                logger.info("stage start: plugin state '%s' starts fresh (not in the previous stage)", key)
+                continue
+            try:
+                obj.load_state_dict(state)
+            except (RuntimeError, KeyError, ValueError) as err:
+                try:
+                    obj.load_state_dict(state, strict=False)
+                except TypeError:
+                    raise TrainingError(f"stage start: cannot carry plugin state '{key}' over: {err}") from err
+                logger.info("stage start: plugin state '%s' carried over where the modules match", key)
+        self.step = first_step
+        multipliers = [fn(first_step) for fn in self.scheduler.lr_lambdas]
+        self.scheduler.last_epoch = first_step
+        for group, base, mult in zip(self.optimizer.param_groups, self.scheduler.base_lrs, multipliers, strict=True):
+            group["lr"] = base * mult
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        logger.info("stage starts at step %d from %s", first_step, info.path)
+
+    def _carried_optimizer_state(self, parts: dict[str, Any]) -> dict[str, Any]:
+        """The previous stage's optimizer state re-keyed by parameter name onto this stage's groups."""
+        fresh = self.optimizer.state_dict()
+        old_names = parts["trainer"].get("param_names")
+        if not old_names:
+            logger.warning("stage start: optimizer state restarts (the checkpoint has no parameter names)")
+            return fresh
+        old_state = parts["optimizer"]["state"]
+        by_name = {name: old_state[i] for i, name in enumerate(old_names) if name and i in old_state}
+        names = self._optimizer_param_names()
+        state = {i: by_name[name] for i, name in enumerate(names) if name in by_name}
+        if len(state) < len(names):
+            fresh_count = len(names) - len(state)
+            logger.info("stage start: optimizer state carried for %d param(s), fresh for %d", len(state), fresh_count)
+        return {"state": state, "param_groups": fresh["param_groups"]}
 
     def _export(self) -> None:
         """The trained denoiser as a diffusers folder (PRXTransformer2DModel.from_pretrained)."""
