@@ -349,6 +349,7 @@ class Trainer:
                         "nonfinite_skipped": float(self.nonfinite_skipped),
                         "loss_spikes": float(self.spikes.count),
                     }
+                    metrics.update(self._data_stats())
                     if step_flops is not None:
                         metrics["tflops_per_s_per_device"] = step_flops * metrics["steps_per_s"] / 1e12
                         if device_peak:
@@ -380,6 +381,9 @@ class Trainer:
                 logger.warning("stop requested: saving step %d and exiting; resume with --resume auto", self.step)
                 if not self.checkpoints.committed() or self.checkpoints.committed()[-1].step != self.step:
                     self.save()
+        bad_data = {k: v for k, v in self._data_stats().items() if v}
+        if bad_data and main:
+            logger.info("data: %s", " ".join(f"{k}={v:g}" for k, v in sorted(bad_data.items())))
         if self.step >= train.steps:
             self.write_samples(self.step)
             if recipe.eval.at_end:
@@ -407,6 +411,26 @@ class Trainer:
             return
         with (self.run_dir / METRICS_FILE).open("a", encoding="utf-8") as handle:
             yield handle
+
+    def _data_stats(self) -> dict[str, float]:
+        """The data source's bad-data counters (``stats()``, optional), summed over ranks.
+
+        Every rank reads a different shard of the data, so each sees different bad files; the sum
+        is the run's count. Ratios are recomputed by the source and averaged (equal shares).
+        """
+        stats = getattr(self.run.require("data"), "stats", None)
+        if stats is None:
+            return {}
+        local = dict(stats())
+        if not local or not self.dist.active:
+            return local
+        keys = sorted(local)
+        values = torch.tensor([local[k] for k in keys], dtype=torch.float64, device=self.run.device)
+        summed = mean_across_ranks(self.dist, values) * self.dist.world_size
+        return {
+            k: float(v) / (self.dist.world_size if "ratio" in k else 1)
+            for k, v in zip(keys, summed.tolist(), strict=True)
+        }
 
     def _group_learning_rates(self) -> dict[str, float]:
         """``lr/<group>`` per optimizer parameter group (groups may carry a ``name``)."""
