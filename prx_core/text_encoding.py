@@ -10,7 +10,7 @@ A plugin subclasses it, sets ``name`` (used in messages) and, where the model ne
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -70,3 +70,73 @@ class PaddedTextEncoder:
         if self._empty is None:
             self._empty = self.encode([""])
         return self._empty
+
+
+def check_text_width(label: str, hidden_size: int, dim: int) -> None:
+    """The recipe's ``dim`` sized the denoiser before loading; the checkpoint must agree."""
+    if hidden_size != dim:
+        raise ValueError(
+            f"{label}: [text_encoder] dim is {dim} but the checkpoint's hidden_size is {hidden_size}; "
+            f"set dim = {hidden_size} (the denoiser's context_in_dim is sized from dim)"
+        )
+
+
+def load_text_submodule(
+    label: str,
+    model_class: Any,
+    path: str,
+    subfolder: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    select_config: Callable[[Any, str], Any],
+    key_mapping: Mapping[str, str],
+    dim: int | None = None,
+    tokenizer_subfolder: str | None = None,
+    part: str = "text-model",
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` for the text part of a larger transformers checkpoint.
+
+    The one loading path for hub ids and local directories, shared by the text-encoder plugins.
+    ``select_config(config, where)`` returns the sub-config ``model_class`` is built from (raising
+    ValueError for a foreign checkpoint); ``key_mapping`` maps each checkpoint layout's tensor
+    names onto the module's, so tensors of other parts (a decoder, a vision tower) are never
+    materialised. With ``dim`` given, the width is checked from the config before any weight is
+    read. The tokenizer comes from ``tokenizer_subfolder`` (default: ``subfolder``). The model
+    comes back frozen (eval, no gradients) on ``device`` in ``dtype``. ``part`` names the module's
+    tensors in the error for missing weights.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    where = f"'{path}'" + (f" (subfolder '{subfolder}')" if subfolder else "")
+    try:
+        # Checked before building anything: a foreign config would otherwise become a
+        # default-sized random model with every weight reported missing.
+        config = select_config(AutoConfig.from_pretrained(path, subfolder=subfolder), where)
+        if dim is not None:
+            check_text_width(label, int(config.hidden_size), dim)
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, subfolder=subfolder if tokenizer_subfolder is None else tokenizer_subfolder
+        )
+        # dtype at load time, not a later .to(dtype): that would also cast the fp32 RoPE frequency
+        # buffers, which transformers deliberately keeps in full precision.
+        model, info = model_class.from_pretrained(
+            path,
+            subfolder=subfolder,
+            config=config,
+            key_mapping=dict(key_mapping),
+            dtype=dtype,
+            output_loading_info=True,
+        )
+    except OSError as err:
+        raise OSError(f"{label}: cannot load a text encoder from {where}: {err}") from err
+    # transformers remembers the key mapping and reverses it on save_pretrained, which cannot undo a
+    # regex (it writes keys like "?encoder.layers..."); the mapping is only for reading the hub's
+    # layouts, so saving (e.g. a PRXPipeline's text_encoder/) must write the module's own names.
+    model._weight_conversions = []
+    missing = sorted(info["missing_keys"])
+    if missing:
+        # Missing tensors are silently random-initialised by transformers; a text encoder with
+        # random layers would train a model on noise without any visible error.
+        raise ValueError(f"{label}: {where} has no weights for {len(missing)} {part} tensors, e.g. {missing[:3]}")
+    return model.to(device).eval().requires_grad_(False), tokenizer

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from prx_core.text_encoding import PaddedTextEncoder
+from prx_core.text_encoding import PaddedTextEncoder, check_text_width, load_text_submodule
 
 #: Where the language model's tensors live in each way a Qwen3-VL checkpoint is saved:
 #: ``Qwen3VLForConditionalGeneration`` (the hub's) -> ``model.language_model.*``,
@@ -15,12 +15,12 @@ from prx_core.text_encoding import PaddedTextEncoder
 _KEY_MAPPING = {r"^(?:model\.)?language_model\.": ""}
 
 
-def _check_width(hidden_size: int, dim: int) -> None:
-    if hidden_size != dim:
-        raise ValueError(
-            f"qwen3vl: [text_encoder] dim is {dim} but the checkpoint's language model hidden_size is {hidden_size}; "
-            f"set dim = {hidden_size} (the denoiser's context_in_dim is sized from dim)"
-        )
+def _text_config(config: Any, where: str) -> Any:
+    if config.model_type == "qwen3_vl":
+        return config.text_config
+    if config.model_type != "qwen3_vl_text":
+        raise ValueError(f"qwen3vl: {where} holds a '{config.model_type}' model, not a Qwen3-VL ('qwen3_vl') one")
+    return config
 
 
 def load_qwen3vl(
@@ -32,48 +32,29 @@ def load_qwen3vl(
     dim: int | None = None,
     tokenizer_subfolder: str | None = None,
 ) -> tuple[Any, Any]:
-    """Load ``(language_model, tokenizer)``: the one loading code path, for hub ids and local directories.
+    """Load ``(language_model, tokenizer)`` from a hub id or local directory.
 
     Only ``Qwen3VLTextModel`` is built, from a full vision-language checkpoint or a text-only one;
-    the vision tower and LM head are never materialised (transformers lists them as UNEXPECTED in
-    its load report). With ``dim`` given, the width is checked from ``config.json`` before any
-    weight is read. The tokenizer comes from ``tokenizer_subfolder`` (default: ``subfolder``). The
-    model comes back frozen (eval, no gradients) on ``device`` in ``dtype``.
+    the vision tower and LM head are never materialised. Goes through core's shared loader
+    (:func:`prx_core.text_encoding.load_text_submodule`).
     """
     try:
-        from transformers import AutoConfig, AutoTokenizer, Qwen3VLTextModel
+        from transformers import Qwen3VLTextModel
     except ImportError as err:
         raise ImportError("qwen3vl needs transformers with Qwen3-VL: pip install 'transformers>=4.57'") from err
-
-    where = f"'{path}'" + (f" (subfolder '{subfolder}')" if subfolder else "")
-    try:
-        config = AutoConfig.from_pretrained(path, subfolder=subfolder)
-        # Checked before building anything: a foreign config would otherwise become a
-        # default-sized random model with every weight reported missing.
-        if config.model_type == "qwen3_vl":
-            config = config.text_config
-        elif config.model_type != "qwen3_vl_text":
-            raise ValueError(f"qwen3vl: {where} holds a '{config.model_type}' model, not a Qwen3-VL ('qwen3_vl') one")
-        if dim is not None:
-            _check_width(int(config.hidden_size), dim)
-        tokenizer = AutoTokenizer.from_pretrained(
-            path, subfolder=subfolder if tokenizer_subfolder is None else tokenizer_subfolder
-        )
-        # dtype at load time, not a later .to(dtype): that would also cast the fp32 RoPE frequency
-        # buffers, which transformers deliberately keeps in full precision.
-        model, info = Qwen3VLTextModel.from_pretrained(
-            path, subfolder=subfolder, config=config, key_mapping=_KEY_MAPPING, dtype=dtype, output_loading_info=True
-        )
-    except OSError as err:
-        raise OSError(f"qwen3vl: cannot load a text encoder from {where}: {err}") from err
-    missing = sorted(info["missing_keys"])
-    if missing:
-        # Missing tensors are silently random-initialised by transformers; a text encoder with
-        # random layers would train a model on noise without any visible error.
-        raise ValueError(
-            f"qwen3vl: {where} has no weights for {len(missing)} language-model tensors, e.g. {missing[:3]}"
-        )
-    return model.to(device).eval().requires_grad_(False), tokenizer
+    return load_text_submodule(
+        "qwen3vl",
+        Qwen3VLTextModel,
+        path,
+        subfolder,
+        device,
+        dtype,
+        select_config=_text_config,
+        key_mapping=_KEY_MAPPING,
+        dim=dim,
+        tokenizer_subfolder=tokenizer_subfolder,
+        part="language-model",
+    )
 
 
 class Qwen3VLTextEncoder(PaddedTextEncoder):
@@ -89,5 +70,5 @@ class Qwen3VLTextEncoder(PaddedTextEncoder):
     forward_kwargs = {"use_cache": False}  # no KV cache: one forward per batch
 
     def __init__(self, model: Any, tokenizer: Any, max_length: int, dim: int, device: torch.device) -> None:
-        _check_width(int(model.config.hidden_size), dim)
+        check_text_width("qwen3vl", int(model.config.hidden_size), dim)
         super().__init__(model, tokenizer, max_length, dim, device)
