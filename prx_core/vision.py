@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from prx_core.routing import gather_tokens
+from prx_core.weights import WeightsError, read_state_dict, state_dict_problems
 
 if TYPE_CHECKING:
     from prx_core.keys import RoutePlan
@@ -44,10 +45,9 @@ TEACHERS: dict[str, str] = {
 #: Used only when a model's pretrained config carries no normalisation (never for the TEACHERS).
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 
-class EncoderLoadError(RuntimeError):
+class EncoderLoadError(WeightsError):
     """A vision encoder could not be created or its weights did not load; the message says why."""
 
 
@@ -96,28 +96,6 @@ def _create(timm_id: str, pretrained: bool, overrides: Mapping[str, Any]) -> tor
         return timm.create_model(timm_id, pretrained=pretrained, **kwargs)
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state: Any = load_file(str(path))
-    elif suffix in _TORCH_SUFFIXES:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        raise EncoderLoadError(
-            f"vision encoder weights {path}: unsupported file type {suffix!r}; "
-            f"use .safetensors (preferred) or one of {', '.join(_TORCH_SUFFIXES)}"
-        )
-    # Training checkpoints often wrap the weights; unwrap the usual containers.
-    for key in ("state_dict", "model", "teacher"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise EncoderLoadError(f"vision encoder weights {path}: the file does not hold a flat tensor state dict")
-    return dict(state)
-
-
 def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, timm_id: str) -> None:
     # timm's own converter for the architecture maps official checkpoints (Meta's DINOv2/DINOv3
     # .pth files) to timm key names; on a timm-format state dict it is the identity.
@@ -126,30 +104,10 @@ def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: P
     convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if convert is not None:
         state = convert(state, model)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(state)
-        if state[k].shape != expected[k].shape
-    )
-    if missing or unexpected or shapes:
-
-        def head(items: list[str]) -> str:
-            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-
-        problems = [
-            f"{label} {head(items)}"
-            for label, items in (
-                ("missing keys", missing),
-                ("unexpected keys", unexpected),
-                ("shape mismatches", shapes),
-            )
-            if items
-        ]
+    problems = state_dict_problems(model, state)
+    if problems:
         raise EncoderLoadError(
-            f"vision encoder weights {path} do not match timm model '{timm_id}': {'; '.join(problems)}. "
+            f"vision encoder weights {path} do not match timm model '{timm_id}': {problems}. "
             "Check that the file is for this architecture (and that encoder_overrides, if any, match it)"
         )
     model.load_state_dict(state, strict=True)
@@ -187,7 +145,9 @@ def load_frozen_encoder(
         path = Path(weights).expanduser()
         if not path.is_file():
             raise EncoderLoadError(f"vision encoder weights file not found: {path}")
-        state = _read_state_dict(path)
+        state = read_state_dict(
+            path, "vision encoder weights", unwrap=("state_dict", "model", "teacher"), error=EncoderLoadError
+        )
         try:
             model = _create(timm_id, False, extra)
         except TypeError as err:

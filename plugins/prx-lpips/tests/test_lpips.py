@@ -201,7 +201,7 @@ def test_loading_errors_name_the_problem(tmp_path: Path, weight_files: tuple[Pat
         load_lpips_vgg(str(tmp_path / "nope.safetensors"), str(lin))
     bad_suffix = tmp_path / "vgg.npz"
     bad_suffix.write_bytes(b"")
-    with pytest.raises(ValueError, match=r"\.safetensors, \.pth"):
+    with pytest.raises(ValueError, match=r"unsupported file type ..npz.; use \.safetensors"):
         load_lpips_vgg(str(bad_suffix), str(lin))
 
     missing = {k: v for k, v in state.items() if k != "features.28.weight"}

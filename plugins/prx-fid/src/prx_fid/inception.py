@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from prx_core.metrics_math import frechet_distance_of_features
+from prx_core.weights import WeightsError, state_dict_problems
+from prx_core.weights import read_state_dict as read_weights
 
 #: torch-fidelity's release of the FID Inception weights, the file torchmetrics downloads.
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 #: The trunk up to the 2048-d pool, in forward order (names are the weight file's key prefixes).
 _TRUNK = (
     "Conv2d_1a_3x3",
@@ -54,7 +55,7 @@ _TRUNK = (
 )
 
 
-class InceptionWeightsError(RuntimeError):
+class InceptionWeightsError(WeightsError):
     """The Inception weights could not be found, downloaded or loaded; the message says why."""
 
 
@@ -146,28 +147,7 @@ def to_uint8(images_BCHW: torch.Tensor) -> torch.Tensor:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A flat tensor state dict from ``.safetensors`` or a tensors-only ``.pth``/``.pt``/``.bin``."""
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state: Any = load_file(str(path))
-    elif suffix in _TORCH_SUFFIXES:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
-            raise InceptionWeightsError(
-                f"fid: cannot read Inception weights {path} as a tensors-only file ({type(err).__name__}: {err})"
-            ) from err
-    else:
-        raise InceptionWeightsError(
-            f"fid: Inception weights {path}: unsupported file type {suffix!r}; use .safetensors or one of "
-            f"{', '.join(_TORCH_SUFFIXES)}"
-        )
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InceptionWeightsError(f"fid: Inception weights {path} do not hold a flat tensor state dict")
-    return dict(state)
+    return read_weights(path, "fid: Inception weights", error=InceptionWeightsError)
 
 
 def _download() -> dict[str, torch.Tensor]:
@@ -186,32 +166,12 @@ def _download() -> dict[str, torch.Tensor]:
 
 
 def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    expected = model.state_dict()
     # BatchNorm's step counter is unused in eval mode and absent from older conversions; torch's
     # own loader fills it in, so only real parameters and statistics count as missing.
-    missing = sorted(k for k in set(expected) - set(state) if not k.endswith("num_batches_tracked"))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(state)
-        if state[k].shape != expected[k].shape
-    )
-    if missing or unexpected or shapes:
-
-        def head(items: list[str]) -> str:
-            return ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-
-        problems = [
-            f"{label} {head(items)}"
-            for label, items in (
-                ("missing keys", missing),
-                ("unexpected keys", unexpected),
-                ("shape mismatches", shapes),
-            )
-            if items
-        ]
+    problems = state_dict_problems(model, state, optional=lambda key: key.endswith("num_batches_tracked"))
+    if problems:
         raise InceptionWeightsError(
-            f"fid: {where} is not an FID Inception-v3 state dict: {'; '.join(problems)}. Use torch-fidelity's "
+            f"fid: {where} is not an FID Inception-v3 state dict: {problems}. Use torch-fidelity's "
             f"weights-inception-2015-12-05-6726825d.pth ({INCEPTION_URL})"
         )
     model.load_state_dict(state, strict=True, assign=True)

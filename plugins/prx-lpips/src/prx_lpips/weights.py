@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from prx_core.weights import read_state_dict as read_weights
 from prx_lpips.network import LPIPSVGG, SCALE, SHIFT, STAGE_CHANNELS, VGG16_CFG
 
 #: Where the ``lpips`` package keeps its VGG linear layers, relative to the package directory.
@@ -50,17 +51,8 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"lpips: {what} file not found: {file}")
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(file), device="cpu")
-    if file.suffix in (".pth", ".pt", ".bin"):
-        # map_location: the lpips package's own vgg.pth was saved from a GPU.
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"lpips: {what} file {file} does not hold a flat state dict of tensors")
-        return dict(state)
-    raise ValueError(f"lpips: {what} file {file} must end in .safetensors, .pth or .pt")
+    # torch files are mapped to the CPU: the lpips package's own vgg.pth was saved from a GPU.
+    return read_weights(file, f"lpips: {what} file", error=ValueError)
 
 
 def _check_shapes(
