@@ -28,16 +28,11 @@ parameter set divided by the row's time (> 1: faster than torch.optim.Muon).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import statistics
-import subprocess
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from _common import header, synchronize, time_interleaved  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -69,36 +64,6 @@ def make_parameters(
     return named
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(
-    steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, rounds: int, clock: str
-) -> dict[str, tuple[float, float]]:
-    """(median, best) milliseconds per step of each candidate.
-
-    Candidates take turns, one step each per round, so a noisy neighbour on a shared machine
-    slows all of them alike instead of whichever happened to run at that moment. ``clock`` is
-    ``wall`` (perf_counter) or ``process`` (CPU time of this process: on a shared CPU with
-    ``--threads 1`` it counts only our own work, not time spent descheduled).
-    """
-    now = time.perf_counter if clock == "wall" else time.process_time
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    synchronize(device)
-    times: dict[str, list[float]] = {label: [] for label in steps}
-    for _ in range(rounds):
-        for label, step in steps.items():
-            start = now()
-            step()
-            synchronize(device)
-            times[label].append((now() - start) * 1e3)
-    return {label: (statistics.median(values), min(values)) for label, values in times.items()}
-
-
 def unbatched(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The same optimizer with Newton–Schulz run one matrix at a time: isolates what batching buys."""
     from prx_muon.newton_schulz import newton_schulz
@@ -109,28 +74,6 @@ def unbatched(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
     optimizer._newton_schulz = one_at_a_time  # type: ignore[method-assign]
     return optimizer
-
-
-def hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    model = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {torch.get_num_threads()} torch threads, {os.cpu_count()} logical CPUs"
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True).stdout
-        return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -207,10 +150,8 @@ def main() -> None:
         "all": results.get("torch Muon + AdamW (all)"),
     }
     hidden, depth = PRX_HIDDEN // scale, PRX_DEPTH // scale
-    print(f"date     : {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}")
-    print(f"commit   : {commit()}")
-    print(f"hardware : {hardware(device)}")
-    print(f"torch    : {torch.__version__}")
+    for line in header(device):
+        print(line)
     print(
         f"shapes   : PRX-1.2B / {scale} (hidden {hidden}, depth {depth}): {len(blocks)} block matrices "
         f"({count(blocks) / 1e6:.1f}M) on Muon, {len(rest)} other tensors ({count(rest) / 1e6:.1f}M) on AdamW"

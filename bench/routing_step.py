@@ -25,19 +25,14 @@ slower under autocast).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import statistics
-import subprocess
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
+from _common import header, time_interleaved
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -78,33 +73,6 @@ def build_router(name: str, start: int, end: int, ratio: float, run: Any) -> tup
     return router, extras
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    model = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {torch.get_num_threads()} torch threads, {os.cpu_count()} logical CPUs"
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True).stdout
-        return out.stdout.strip() + ("+dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
@@ -126,7 +94,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.clock == "process" and args.device != "cpu" and torch.cuda.is_available():
         raise SystemExit("--clock process measures host CPU time; use it with --device cpu")
-    now = time.perf_counter if args.clock == "wall" else time.process_time
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -199,29 +166,18 @@ def main() -> None:
     peak: dict[tuple[int, str], float] = {}
     for tokens in TOKEN_COUNTS:
         steps = {label: make_step(tokens, r, e) for label, (r, e) in variants.items()}
-        for label, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            for _ in range(args.warmup):
-                step()
-            synchronize(device)
+
+        def record_peak(label: str, tokens: int = tokens) -> None:
             if device.type == "cuda":
                 peak[(tokens, label)] = torch.cuda.max_memory_allocated(device) / 2**30
-        times: dict[str, list[float]] = {label: [] for label in steps}
-        for _ in range(args.steps):
-            for label, step in steps.items():
-                begin = now()
-                step()
-                synchronize(device)
-                times[label].append((now() - begin) * 1e3)
-        for label, values in times.items():
-            results[(tokens, label)] = (statistics.median(values), min(values))
+
+        timed = time_interleaved(steps, device, args.warmup, args.steps, args.clock, on_warm=record_peak)
+        for label, value in timed.items():
+            results[(tokens, label)] = value
 
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"date     : {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}")
-    print(f"commit   : {commit()}")
-    print(f"hardware : {hardware(device)}")
-    print(f"torch    : {torch.__version__}")
+    for line in header(device):
+        print(line)
     print(
         f"model    : PRX hidden {hidden}, depth {depth}, {heads} heads ({n_params / 1e6:.1f}M params, preset "
         f"'{preset}'), batch {batch}, text {text_len} tokens ({text_len // 2} real)"
@@ -234,8 +190,8 @@ def main() -> None:
     )
     print()
     memory = device.type == "cuda"
-    header = f"{'tokens':>6} {'variant':<15} {'median ms':>10} {'best ms':>9} {'speed-up':>9}"
-    print(header + (f" {'peak GiB':>9}" if memory else ""))
+    columns = f"{'tokens':>6} {'variant':<15} {'median ms':>10} {'best ms':>9} {'speed-up':>9}"
+    print(columns + (f" {'peak GiB':>9}" if memory else ""))
     for tokens in TOKEN_COUNTS:
         base = results[(tokens, "none")][0]
         for label in variants:
