@@ -243,7 +243,7 @@ def cmd_sample(argv: list[str]) -> int:
         print(f"prx-run sample: {err}", file=sys.stderr)
         return 1
     sampling = trainer.recipe.sampling
-    size = args.size or int(getattr(trainer.recipe.slot_config("data"), "size", 256))
+    size = args.size or trainer.sample_size()
     images = trainer.generate(
         args.prompt,
         args.steps or sampling.steps,
@@ -331,7 +331,7 @@ def _write_pipeline(trainer: Trainer, model: Any, out: Path) -> str | None:
 
     # Same shifted grid as training and prx-run sample: σ' = s·σ / (1 + (s − 1)·σ).
     scheduler = FlowMatchEulerDiscreteScheduler(shift=float(run.require("objective").shift))
-    size = getattr(trainer.recipe.slot_config("data"), "size", None)
+    size = trainer.sample_size()
     extra = {"default_sample_size": size} if size in ASPECT_RATIO_BINS else {}
     text_encoder, tokenizer = text
     pipeline = PRXPipeline(

@@ -120,7 +120,8 @@ class StepContext:
     run: RunContext
     step: int
     micro_step: int
-    images_BCHW: torch.Tensor
+    #: The clean images in [0, 1]; None when the batch came as precomputed encodings (no pixels).
+    images_BCHW: torch.Tensor | None
     x0_BCHW: torch.Tensor
     noise_BCHW: torch.Tensor
     t_B: torch.Tensor
@@ -130,3 +131,6 @@ class StepContext:
     stash: Stash
     generator: torch.Generator
     prediction_BCHW: torch.Tensor | None = None
+    #: Plugin targets precomputed by ``prx_precompute_features`` (keys namespaced by plugin), on
+    #: the run's device; empty when the batch came from pixels.
+    precomputed: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -4,10 +4,19 @@ The trainer does not call ``model.forward``: it replays it from the model's own 
 that token routers and feature capture can act at block boundaries without patching the model.
 ``tests/unit/test_denoiser.py`` keeps :func:`denoise` bit-identical to ``model.forward`` when
 nothing is routed, so trained weights still load in ``PRXPipeline``.
+
+The text padding mask reaches attention as a boolean ``[B, L_txt]`` mask; diffusers' PRX
+attention processor appends the (all-True) image keys and hands SDPA a broadcastable
+``[B, 1, 1, L_txt + L_img]`` boolean mask, never a materialised ``B × heads × L × L`` float bias
+(SPEC §7.10; ``tests/unit/test_attention_mask.py`` intercepts SDPA to keep it so).
+
+:func:`compile_blocks` is ``train.compile = "blocks"``: regional compilation of each transformer
+block in place, so parameter names, checkpoints and exports do not change.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -85,6 +94,9 @@ def denoise(
 
     for seam in conditioning:
         txt_BTH, mask_BL, vec_BH = seam.condition(txt_BTH, mask_BL, vec_BH, x_t_BCHW, ctx)
+    if mask_BL is not None and mask_BL.dtype != torch.bool:
+        # Once per forward rather than once per block; attention only ever sees a boolean mask.
+        mask_BL = mask_BL.bool()
 
     rope = rope_full
     routed = False
@@ -115,6 +127,27 @@ def denoise(
         ctx.stash[CAPTURED_FEATURES] = captured
     out_BLP = model.final_layer(img_BLH, vec_BH)
     return seq2img(out_BLP, model.patch_size, x_t_BCHW.shape)
+
+
+#: Compiler backend for :func:`compile_blocks`. Not a recipe key: tests set ``aot_eager`` here to
+#: check the traced graphs without waiting for inductor's C++/Triton code generation.
+COMPILE_BACKEND_ENV = "PRX_COMPILE_BACKEND"
+
+
+def compile_blocks(model: PRXTransformer2DModel, backend: str | None = None) -> None:
+    """Compile every transformer block in place (``train.compile = "blocks"``).
+
+    ``nn.Module.compile`` swaps only the block's call implementation, so the block loop, the
+    parameter names (state dicts, checkpoints, the exported folder) and any hooks stay as they
+    are. Call it after the parallel wrapper: FSDP2 shards each block first, and dynamo then runs
+    FSDP2's unshard/reshard hooks eagerly around the compiled forward
+    (``torch._dynamo.config.skip_fsdp_hooks``). All blocks share one code object and, with
+    dynamo's default inlining of built-in modules, one compiled graph, so compile time is one
+    block's, not depth × that. Token routers that shrink the sequence add one recompilation.
+    """
+    chosen = backend or os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
+    for block in model.blocks:
+        block.compile(backend=chosen)
 
 
 def export_diffusers(model: PRXTransformer2DModel, directory: Path) -> Path:

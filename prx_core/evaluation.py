@@ -17,9 +17,29 @@ from prx_core.context import ForwardContext, StepContext
 from prx_core.flow import interpolate
 from prx_core.keys import Stash
 from prx_core.seeding import generator_for
+from prx_core.slots import RawBatch
 
 if TYPE_CHECKING:
     from prx_core.trainer import Trainer
+
+
+def _concat(batches: list[RawBatch]) -> RawBatch:
+    """One batch from several; an encoding is kept only when every part has it."""
+
+    def cat(name: str) -> torch.Tensor | None:
+        parts = [getattr(b, name) for b in batches]
+        return torch.cat(parts) if all(p is not None for p in parts) else None
+
+    text, mask = cat("text_BLD"), cat("mask_BL")
+    latents, std = cat("latents_BCHW"), cat("latent_std_BCHW")
+    return RawBatch(
+        images_BCHW=cat("images_BCHW"),
+        captions=[c for b in batches for c in b.captions],
+        latents_BCHW=latents,
+        latent_std_BCHW=std if latents is not None else None,
+        text_BLD=text if mask is not None else None,
+        mask_BL=mask if text is not None else None,
+    )
 
 
 def _gather_rows(trainer: Trainer, rows: list[torch.Tensor]) -> torch.Tensor | None:
@@ -35,6 +55,8 @@ def _gather_rows(trainer: Trainer, rows: list[torch.Tensor]) -> torch.Tensor | N
 @torch.no_grad()
 def validation_loss(trainer: Trainer, indices: list[int]) -> dict[str, float]:
     """Objective loss on held-out images at fixed t per bin, fixed noise per item."""
+    from prx_core.trainer import batch_encodings
+
     run, ev = trainer.run, trainer.recipe.eval
     objective, precision = run.require("objective"), run.require("precision")
     data = run.require("data")
@@ -42,12 +64,10 @@ def validation_loss(trainer: Trainer, indices: list[int]) -> dict[str, float]:
     count = 0
     for start in range(0, len(indices), ev.batch):
         chunk = indices[start : start + ev.batch]
-        batches = [data.held_out(i, 1) for i in chunk]
-        images_BCHW = torch.cat([b.images_BCHW for b in batches]).to(run.device)
-        captions = [c for b in batches for c in b.captions]
-        x0 = run.require("latent_space").encode(images_BCHW, None).to(precision.param_dtype)
-        text, mask = run.require("text_encoder").encode(captions)
-        text = text.to(precision.param_dtype)
+        # Held-out items may carry their encodings (precomputed data): the towers then stay unloaded.
+        raw = _concat([data.held_out(i, 1) for i in chunk])
+        images_BCHW = raw.images_BCHW.to(run.device) if raw.images_BCHW is not None else None
+        x0, text, mask = batch_encodings(raw, run, None)
         noise = torch.stack(
             [torch.randn(x0.shape[1:], generator=generator_for(ev.seed, "val", i), dtype=x0.dtype) for i in chunk]
         ).to(run.device)
@@ -107,7 +127,7 @@ def evaluate(trainer: Trainer) -> dict[str, float]:
     }
     if metrics:
         data = run.require("data")
-        size = int(getattr(recipe.slot_config("data"), "size", 256))
+        size = trainer.sample_size()
         generated: dict[str, list[torch.Tensor]] = {n: [] for n in metrics}
         reference: dict[str, list[torch.Tensor]] = {n: [] for n in metrics}
         for start in range(0, len(mine), ev.batch):

@@ -175,6 +175,19 @@ def prx_sampling_model(run: RunContext) -> torch.nn.Module | None:
 
 
 @hookspec
+def prx_precompute_features(run: RunContext, images_BCHW: torch.Tensor) -> Mapping[str, torch.Tensor] | None:
+    """Return per-sample training targets that ``prx-run precompute`` stores next to the latents.
+
+    Called by ``prx-run precompute --features`` on batches of clean images in [0, 1] of one bucket
+    (``run`` has precision, data, latent space and text encoder built; no model, no trainable
+    modules). Return the exact tensors the plugin would compute online before any per-step
+    randomness, one row per image, under keys namespaced by the plugin
+    (``"repa:<encoder>:<grid>"``). Training from the shards hands them back to loss hooks in
+    ``StepContext.precomputed``. Keys must be unique across plugins.
+    """
+
+
+@hookspec
 def prx_guidance(run: RunContext) -> Guidance | None:
     """Return a guidance rule that replaces classifier-free guidance at sampling time.
 

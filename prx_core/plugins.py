@@ -34,6 +34,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "prx_core.builtins.precision",
     "prx_core.builtins.console",
     "prx_core.builtins.synthetic_shapes",
+    "prx_core.builtins.precomputed",
 )
 
 

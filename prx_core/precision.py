@@ -18,11 +18,14 @@ Optimizer state and ``bf16_weights``
 ------------------------------------
 ``torch.optim`` optimizers (AdamW included) create their state with ``zeros_like(param)``, so
 with bf16 weights their moments would be bf16 too, which is not what this policy promises.
-An optimizer honours ``state_dtype`` by exposing a ``state_dtype`` attribute equal to it (the
-``muon`` plugin does, and keeps AdamW moments and momentum buffers in that dtype whatever the
-weights are). The guard predicts the dtype of state that does not exist yet (``state_dtype`` if
-the optimizer declares one, else the parameter's dtype), so a mismatch is refused *at start*,
-not after the first resume.
+An optimizer honours ``state_dtype`` by exposing a ``state_dtype`` attribute equal to it. Both
+shipped optimizers do: the builtin ``adamw`` switches to :class:`prx_core.optim.StateDtypeAdamW`
+(fp32 moments, the update formed in fp32 and rounded once into the bf16 weight, no master copy)
+when weights are stored narrower than ``state_dtype``, and the ``muon`` plugin keeps its
+momentum buffers and AdamW moments in ``state_dtype``. The guard predicts the dtype of state
+that does not exist yet (``state_dtype`` if the optimizer declares one, else the parameter's
+dtype), so a third-party optimizer that would keep bf16 state is refused *at start*, not after
+the first resume.
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ def check_dtypes(
                         f"{when}: optimizer {type(optimizer).__name__} would keep the state of '{name}' in "
                         f"{future}, but precision policy '{policy}' promises {state_dtype} optimizer state "
                         "(torch.optim optimizers keep state in the parameter dtype); use an optimizer that "
-                        "honours precision.state_dtype (e.g. 'muon'; with muon_patterns = [] it is plain AdamW)"
+                        "honours precision.state_dtype (the builtin 'adamw' and 'muon' both do)"
                     )
 
 

@@ -84,6 +84,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: Recompute block activations in the backward pass (less memory, ~30% more compute).
     activation_checkpointing: bool = False
+    #: "blocks": torch.compile each transformer block (regional compilation; state-dict keys
+    #: unchanged). Off by default: it costs compile time before the first step (tens of seconds
+    #: per new shape, more on CPU, where it needs a C++ compiler) and pays off on a GPU only.
+    compile: Literal["off", "blocks"] = "off"
     #: Data parallelism when launched on several processes (torchrun / accelerate launch).
     parallel: Literal["ddp", "fsdp2"] = "ddp"
     #: Non-finite loss or gradient: "halt" stops before the optimizer step; "skip" drops the step.
@@ -309,6 +313,19 @@ def deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def merge_recipe(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`deep_merge`, except that a slot table naming a different entry (``use``) replaces the
+    parent's table instead of merging into it: the old entry's settings mean nothing to the new one
+    (``[data] use = "precomputed"`` must not inherit ``image_folder``'s ``root``)."""
+    merged = deep_merge(base, top)
+    for slot in RECIPE_SLOTS:
+        new, old = top.get(slot), base.get(slot)
+        if isinstance(new, Mapping) and isinstance(old, Mapping) and "use" in new:
+            if new["use"] != old.get("use", SLOT_DEFAULTS[slot]):
+                merged[slot] = dict(new)
+    return merged
+
+
 def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> RawRecipe:
     path = Path(path).resolve()
     if path in _chain:
@@ -330,7 +347,7 @@ def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> RawRecipe:
         base = load_raw(path.parent / parent, (*_chain, path))
         merged, origin = base.data, dict(base.origin)
     _record(origin, data, str(path))
-    return RawRecipe(deep_merge(merged, data), origin, path)
+    return RawRecipe(merge_recipe(merged, data), origin, path)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -368,7 +385,7 @@ def _set_path(data: dict[str, Any], parts: list[str], value: Any) -> dict[str, A
     patch: dict[str, Any] = {parts[-1]: value}
     for part in reversed(parts[:-1]):
         patch = {part: patch}
-    return deep_merge(data, patch)
+    return merge_recipe(data, patch)
 
 
 def apply_overrides(raw: RawRecipe, overrides: list[str]) -> RawRecipe:
@@ -463,7 +480,7 @@ def _check_stage_tables(raw: RawRecipe, value: Any) -> list[dict[str, Any]]:
 
 def _stage_data(base: dict[str, Any], table: Mapping[str, Any], raw: RawRecipe, index: int) -> dict[str, Any]:
     overlay = {k: v for k, v in table.items() if k not in STAGE_KEYS}
-    data = deep_merge(base, overlay)
+    data = merge_recipe(base, overlay)
     for dotted in table.get("remove", []):
         parts = dotted.split(".")
         parent: Any = data
@@ -583,10 +600,15 @@ def _validate_single(raw: RawRecipe) -> Recipe:
 
 
 def _reference(raw: RawRecipe) -> str:
-    """``reference = "<table>/<row>"``: the published SPEC §5 result the recipe reproduces (for reports)."""
+    """``reference = "<table>/<row>"``: the published SPEC §5 result the recipe reproduces (for reports).
+
+    Not inherited through ``extends``: it names the experiment of the file that states it, so an
+    ablation of the baseline does not borrow the baseline's published numbers.
+    """
     from prx_core.published import lookup
 
-    reference = raw.data.get("reference", "")
+    stated_here = raw.where("reference") in (str(raw.source), OVERRIDE_SOURCE)
+    reference = raw.data.get("reference", "") if stated_here else ""
     if not isinstance(reference, str):
         raise RecipeError(f"{raw.where('reference')}: 'reference' must be a string, got {reference!r}")
     if reference:

@@ -46,6 +46,23 @@ class LatentSpace(Protocol):
 
 
 @runtime_checkable
+class DistributionLatentSpace(Protocol):
+    """Optional extra of a :class:`LatentSpace` whose encoder is a Gaussian posterior (a KL VAE).
+
+    ``prx-run precompute`` stores the posterior once and training draws a fresh latent each step
+    as ``mean + std · ε`` with the step's generator, as the online ``encode(images, generator)``
+    would. Both are in the *normalised* space the denoiser sees: the normalisations in use are
+    affine per channel (and sub-pixel), so the normalised mean is the normalised posterior mean
+    (what ``encode(images, None)`` returns) and the std is the raw std times the scale. A
+    deterministic space (DC-AE, pixel) simply does not define it.
+    """
+
+    def encode_distribution(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [0, 1] to ``(mean_BCHW, std_BCHW)`` of the posterior, normalised."""
+        ...
+
+
+@runtime_checkable
 class PipelineLatentSpace(Protocol):
     """Optional extra of a :class:`LatentSpace`, asked for by ``prx-run export``.
 
@@ -188,8 +205,26 @@ class BatchRequest:
 
 @dataclass
 class RawBatch:
-    images_BCHW: torch.Tensor  # float32 in [0, 1]
+    """One micro-batch as a data source hands it over.
+
+    Pixel sources fill ``images_BCHW``; a source of precomputed encodings (``prx-run precompute``)
+    fills the encodings instead and may leave ``images_BCHW`` None. The trainer uses every
+    encoding that is present and runs the matching tower only for what is missing.
+    """
+
+    images_BCHW: torch.Tensor | None  # float32 in [0, 1]
     captions: list[str]
+    #: Normalised latents; with ``latent_std_BCHW`` the posterior mean (sampled each step).
+    latents_BCHW: torch.Tensor | None = None
+    #: Posterior std in the normalised space; None: ``latents_BCHW`` are used as they are.
+    latent_std_BCHW: torch.Tensor | None = None
+    #: Text states and mask of ``captions`` (as :meth:`TextEncoder.encode` returns them).
+    text_BLD: torch.Tensor | None = None
+    mask_BL: torch.Tensor | None = None
+    #: Precomputed plugin targets (``prx_precompute_features``), rows aligned with the batch.
+    features: dict[str, torch.Tensor] | None = None
+    #: Which dataset item each row is (after bad-data substitution), for logging and resume checks.
+    sample_ids: list[int] | None = None
 
 
 class DataSource(Protocol):
@@ -208,6 +243,24 @@ class DataSource(Protocol):
         The same items as :meth:`held_out_captions` in the same order, so evaluation can generate
         from caption i and compare against real image i. Random access lets ranks split the set.
         """
+        ...
+
+
+@runtime_checkable
+class EncodingsSource(Protocol):
+    """Optional extra of a :class:`DataSource` whose batches carry precomputed encodings.
+
+    When ``provides_encodings`` is True the trainer builds the latent space and text encoder
+    lazily (they load only if sampling or evaluation needs them) and takes the empty prompt from
+    :meth:`empty_text`. ``precomputed_features`` maps each stored feature key to its per-sample
+    shape, so a plugin can tell at setup that it will not need its teacher.
+    """
+
+    provides_encodings: bool
+    precomputed_features: dict[str, tuple[int, ...]]
+
+    def empty_text(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored empty-prompt encoding, shapes (1, L, D) and (1, L)."""
         ...
 
 

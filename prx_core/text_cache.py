@@ -47,3 +47,10 @@ class CachedTextEncoder:
 
     def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder.empty()
+
+    def stats(self) -> dict[str, float]:
+        """The encoder's counters (e.g. truncated prompts); none from a lazy encoder not loaded yet."""
+        if not getattr(self.encoder, "loaded", True):
+            return {}
+        stats = getattr(self.encoder, "stats", None)
+        return dict(stats()) if stats is not None else {}

@@ -10,10 +10,13 @@ A plugin subclasses it, sets ``name`` (used in messages) and, where the model ne
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
+
+logger = logging.getLogger("prx.text")
 
 
 class PaddedTextEncoder:
@@ -38,6 +41,25 @@ class PaddedTextEncoder:
         self.dim = dim
         self.device = torch.device(device)
         self._empty: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: Prompts longer than ``max_length`` tokens, cut silently by the tokenizer (counted here).
+        self.truncated_prompts = 0
+
+    def stats(self) -> dict[str, float]:
+        return {"text/truncated_prompts": float(self.truncated_prompts)}
+
+    def _count_truncated(self, prompts: list[str]) -> None:
+        lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False, padding=False)["input_ids"]]
+        cut = [(n, p) for n, p in zip(lengths, prompts, strict=True) if n > self.max_length]
+        if cut and not self.truncated_prompts:
+            logger.warning(
+                "%s: a prompt of %d tokens is cut to max_length %d (counted as text/truncated_prompts; further "
+                "cuts are only counted): %.80s…",
+                self.name,
+                cut[0][0],
+                self.max_length,
+                cut[0][1],
+            )
+        self.truncated_prompts += len(cut)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +69,7 @@ class PaddedTextEncoder:
         if not prompts:
             states_0LD = torch.zeros(0, self.max_length, self.dim, dtype=self.model.dtype, device=self.device)
             return states_0LD, torch.zeros(0, self.max_length, dtype=torch.bool, device=self.device)
+        self._count_truncated(list(prompts))
         # Right padding whatever the tokenizer's default (Gemma's pads left): real tokens then keep
         # positions 0..n-1 as in an unpadded forward, whatever the amount of padding.
         batch = self.tokenizer(

@@ -27,7 +27,7 @@ import torch
 from prx_core.checkpoint import CheckpointInfo, CheckpointManager, resolve_checkpoint
 from prx_core.config import RecipeError
 from prx_core.context import ForwardContext, RunContext, StepContext
-from prx_core.denoiser import TrainableModules, build_model, denoise, export_diffusers
+from prx_core.denoiser import TrainableModules, build_model, compile_blocks, denoise, export_diffusers
 from prx_core.distributed import (
     DenoiserForward,
     any_rank,
@@ -50,7 +50,7 @@ from prx_core.rundir import METRICS_FILE, environment, git_sha, truncate_metrics
 from prx_core.sampling import euler_sample
 from prx_core.schedules import lr_multiplier
 from prx_core.seeding import derive_seed, generator_for
-from prx_core.slots import BatchRequest, Guidance
+from prx_core.slots import BatchRequest, EncodingsSource, Guidance, RawBatch
 from prx_core.text_cache import CachedTextEncoder
 from prx_core.throughput import count_step_flops, peak_flops, peak_memory_gb
 
@@ -151,6 +151,106 @@ def _few(names: list[str], limit: int = 4) -> str:
     return ", ".join(names[:limit]) + (f", … (+{len(names) - limit})" if len(names) > limit else "")
 
 
+def build_slot(recipe: Recipe, run: RunContext, slot: str) -> Any:
+    """The recipe's entry for ``slot``, built by its factory (also used by ``prx-run precompute``)."""
+    choice = recipe.slots[slot]
+    entry = recipe.active.registries[slot].get(choice.use)
+    return entry.factory(choice.config, run)
+
+
+def provides_encodings(data: Any) -> bool:
+    """Whether a data source's batches carry latents and text states (:class:`EncodingsSource`)."""
+    return isinstance(data, EncodingsSource) and bool(data.provides_encodings)
+
+
+class LazyTower:
+    """A latent space or text encoder that is built on first real use.
+
+    When batches carry precomputed encodings a training step needs neither tower, so neither is
+    held in memory until sampling or evaluation asks for it. Until then the proxy answers the
+    shape attributes (``channels``, ``spatial_compression``, ``dim``, ``max_length``) from the
+    slot's config, which must tell them without loading (:class:`LatentSpaceConfig`,
+    :class:`TextEncoderConfig`); the loaded tower is checked against those answers.
+    """
+
+    def __init__(self, slot: str, build: Any, known: dict[str, Any]) -> None:
+        self._slot = slot
+        self._build = build
+        self._known = known
+        self._tower: Any = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._tower is not None
+
+    def tower(self) -> Any:
+        if self._tower is None:
+            logger.info("loading the %s on first use (training itself runs from precomputed encodings)", self._slot)
+            tower = self._build()
+            for name, value in self._known.items():
+                if getattr(tower, name) != value:
+                    raise TrainingError(
+                        f"the loaded {self._slot} has {name} = {getattr(tower, name)}, but its config and the "
+                        f"precomputed data say {value}"
+                    )
+            self._tower = tower
+        return self._tower
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_slot", "_build", "_known", "_tower"):
+            raise AttributeError(name)
+        if name in self._known:
+            return self._known[name]
+        return getattr(self.tower(), name)
+
+
+def build_tower(recipe: Recipe, run: RunContext, slot: str, lazy: bool) -> Any:
+    """The latent space or text encoder: built now, or a :class:`LazyTower` that builds on first use."""
+    if not lazy:
+        return build_slot(recipe, run, slot)
+    config = recipe.slot_config(slot)
+    if slot == "latent_space":
+        known = {"channels": int(config.channels), "spatial_compression": int(config.spatial_compression)}
+    else:
+        length = getattr(config, "max_length", None)
+        if length is None:  # the stored text states tell it
+            length = getattr(run.data, "text_shape", (None,))[0]
+        known = {"dim": int(config.dim), **({"max_length": int(length)} if length is not None else {})}
+    return LazyTower(slot, lambda: build_slot(recipe, run, slot), known)
+
+
+def batch_encodings(
+    raw: RawBatch, run: RunContext, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x0_BCHW, text_BLD, mask_BL)`` of a batch, x0 and text in the policy's param dtype.
+
+    Encodings the batch carries are used as they are; the towers run only for what is missing.
+    Stored latents with a posterior std are sampled as ``mean + std · ε``, ε drawn from
+    ``generator`` in the frozen dtype on the CPU generator, exactly as the online
+    ``encode(images, generator)`` of a KL latent space draws it; without a generator (validation)
+    the mean is used, as ``encode(images, None)`` would.
+    """
+    precision = run.require("precision")
+    with torch.no_grad():
+        if raw.latents_BCHW is not None:
+            mean_BCHW = raw.latents_BCHW.to(run.device, precision.frozen_dtype)
+            x0_BCHW = mean_BCHW
+            if raw.latent_std_BCHW is not None and generator is not None:
+                eps_BCHW = torch.randn(mean_BCHW.shape, generator=generator, dtype=mean_BCHW.dtype).to(run.device)
+                x0_BCHW = mean_BCHW + raw.latent_std_BCHW.to(run.device, mean_BCHW.dtype) * eps_BCHW
+        elif raw.images_BCHW is not None:
+            x0_BCHW = run.require("latent_space").encode(raw.images_BCHW.to(run.device), generator)
+        else:
+            raise TrainingError("the data source returned a batch with neither images nor latents")
+        if raw.text_BLD is not None:
+            if raw.mask_BL is None:
+                raise TrainingError("the data source returned text states without their mask")
+            text_BLD, mask_BL = raw.text_BLD.to(run.device), raw.mask_BL.to(run.device)
+        else:
+            text_BLD, mask_BL = run.require("text_encoder").encode(raw.captions)
+    return x0_BCHW.to(precision.param_dtype), text_BLD.to(precision.param_dtype), mask_BL
+
+
 class Trainer:
     def __init__(
         self,
@@ -203,8 +303,10 @@ class Trainer:
         if warning:  # e.g. bf16_weights: a deliberate ablation must never look like a normal run
             logger.warning("PRECISION POLICY '%s': %s", run.precision.name, warning)
         run.data = self._build_slot("data")
-        run.latent_space = self._build_slot("latent_space")
-        run.text_encoder = CachedTextEncoder(self._build_slot("text_encoder"))
+        # Training from precomputed encodings needs no tower for a step: they load on first use.
+        towers_lazy = provides_encodings(run.data)
+        run.latent_space = build_tower(recipe, run, "latent_space", lazy=towers_lazy)
+        run.text_encoder = CachedTextEncoder(build_tower(recipe, run, "text_encoder", lazy=towers_lazy))
         run.objective = self._build_slot("objective")
         run.router = self._build_slot("router") if "router" in recipe.slots else None
         run.tracker = self._build_slot("tracker")
@@ -219,6 +321,10 @@ class Trainer:
         # The optimizer is built after sharding, so FSDP2 hands it the sharded parameters.
         self.forward_module = DenoiserForward(run.trainable, self._forward)
         self.wrapped = wrap(self.forward_module, self.dist, recipe.train.parallel, device)
+        if recipe.train.compile == "blocks":
+            # After wrapping: FSDP2 shards each block first, and its hooks then run around the
+            # compiled forward. Parameter names are unchanged, so checkpoints are too.
+            compile_blocks(run.trainable.model)
         self.optimizer = self._build_slot("optimizer")
         schedule = recipe.schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -228,7 +334,7 @@ class Trainer:
         self.micro_batch, self.accumulation = batch_layout(
             recipe.train.global_batch, recipe.train.micro_batch, run.world_size
         )
-        self.empty_prompt = run.text_encoder.empty()
+        self.empty_prompt = cast("EncodingsSource", run.data).empty_text() if towers_lazy else run.text_encoder.empty()
         self.pm.hook.prx_before_training(run=run)
         if start_from is not None:
             self._load(start_from)
@@ -268,9 +374,7 @@ class Trainer:
         return extras
 
     def _build_slot(self, slot: str) -> Any:
-        choice = self.recipe.slots[slot]
-        entry = self.recipe.active.registries[slot].get(choice.use)
-        return entry.factory(choice.config, self.run)
+        return build_slot(self.recipe, self.run, slot)
 
     def _attach_log_file(self) -> None:
         path = (self.run_dir / "train.log").resolve()
@@ -419,9 +523,8 @@ class Trainer:
         is the run's count. Ratios are recomputed by the source and averaged (equal shares).
         """
         stats = getattr(self.run.require("data"), "stats", None)
-        if stats is None:
-            return {}
-        local = dict(stats())
+        local = dict(stats()) if stats is not None else {}
+        local.update(self.run.require("text_encoder").stats())
         if not local or not self.dist.active:
             return local
         keys = sorted(local)
@@ -439,8 +542,13 @@ class Trainer:
     def train_step(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """One optimizer step over ``accumulation`` micro-batches. Returns detached tensors.
 
-        The only host sync is the finiteness check of the gradient norm, which must decide
-        before the optimizer touches the weights.
+        Loss, loss terms and gradient norm stay on the device; ``fit`` reads them (``.item()``)
+        only at log steps. The one host sync per optimizer step is the finiteness check of the
+        loss and gradient norm: ``train.nonfinite`` ("halt" or "skip" with weights, optimizer
+        state and EMA untouched) must be decided before the optimizer and the after-step hooks
+        run, and no optimizer-agnostic device-side skip exists. It costs the launch latency of
+        clipping and the optimizer step once per step (the GPU idles while the host launches
+        them), not a pipeline stall per micro-step.
         """
         run = self.run
         trainable = run.require("trainable")
@@ -521,11 +629,8 @@ class Trainer:
         )
         raw = run.require("data").batch(request)
         generator = generator_for(recipe.seed, "step", step, micro, run.rank)
-        images_BCHW = raw.images_BCHW.to(run.device)
-        with torch.no_grad():
-            x0_BCHW = run.require("latent_space").encode(images_BCHW, generator).to(precision.param_dtype)
-            text_BLD, mask_BL = run.require("text_encoder").encode(raw.captions)
-        text_BLD = text_BLD.to(precision.param_dtype)
+        images_BCHW = raw.images_BCHW.to(run.device) if raw.images_BCHW is not None else None
+        x0_BCHW, text_BLD, mask_BL = batch_encodings(raw, run, generator)
         batch = x0_BCHW.shape[0]
         drop_B = (torch.rand(batch, generator=generator) < objective.caption_dropout).to(run.device)
         empty_states, empty_mask = self.empty_prompt
@@ -548,6 +653,7 @@ class Trainer:
             mask_BL=mask_BL,
             stash=stash,
             generator=generator,
+            precomputed={k: v.to(run.device) for k, v in (raw.features or {}).items()},
         )
         route_generator = generator_for(recipe.seed, "route", step, micro, run.rank)
         trainable = run.require("trainable")
@@ -633,13 +739,19 @@ class Trainer:
         modules.train(was_training)
         return latent.decode(x0).float().clamp(0, 1).cpu()
 
+    def sample_size(self) -> int:
+        """Image side for sample grids and evaluation: the data config's ``size``, else the data
+        source's (``precomputed`` knows it from its index), else 256."""
+        configured = getattr(self.recipe.slot_config("data"), "size", None)
+        return int(configured or getattr(self.run.data, "size", None) or 256)
+
     def write_samples(self, step: int) -> Path | None:
         """A grid at the fixed prompts and seeds. Sharded weights need every rank in the forward."""
         if not (self.dist.is_main or is_sharded(self.run.require("trainable"))):
             return None
         sampling = self.recipe.sampling
         prompts = list(sampling.prompts) or self.run.require("data").held_out_captions(sampling.num_prompts)
-        size = int(getattr(self.recipe.slot_config("data"), "size", 256))
+        size = self.sample_size()
         images = self.generate(prompts, sampling.steps, sampling.cfg, sampling.seed, size)
         if not self.dist.is_main:
             return None

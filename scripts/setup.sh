@@ -23,5 +23,5 @@ echo "setup: installing torch, prx-core and plugins into .venv (first time: a fe
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
 plugin_args=()
 for plugin in plugins/*/; do plugin_args+=(-e "$plugin"); done
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]" "${plugin_args[@]}"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,report]" "${plugin_args[@]}"
 echo "$want" > "$stamp"

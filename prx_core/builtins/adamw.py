@@ -2,6 +2,12 @@
 
 Warm-up and the constant schedule are core's ``[schedule]`` section and gradient clipping is
 ``train.grad_clip``, since every optimizer shares them.
+
+Optimizer state follows the precision policy's ``state_dtype``. When every trainable weight is
+stored in that dtype (fp32 under ``bf16_mixed`` and ``fp32``) this is plain ``torch.optim.AdamW``
+(fused on CUDA, foreach elsewhere). When weights are stored narrower (``bf16_weights``), torch's
+AdamW would keep bf16 moments, so :class:`prx_core.optim.StateDtypeAdamW` runs instead: fp32
+moments, the update formed in fp32 and rounded once into the bf16 weight, no fp32 master copy.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ class AdamWConfig:
     eps: float = 1e-15
     weight_decay: float = 0.0
     #: None: fused kernels on CUDA, foreach elsewhere (both avoid per-parameter Python loops).
+    #: Applies to weights stored in the policy's state dtype (see the module docstring).
     fused: bool | None = None
 
     def __post_init__(self) -> None:
@@ -39,9 +46,22 @@ def _build(config: AdamWConfig, run: Any) -> Any:
     import torch
 
     params = [p for p in run.require("trainable").parameters() if p.requires_grad]
+    state_dtype = run.require("precision").state_dtype
+    groups = [{"params": params, "name": "all"}]
+    if any(p.dtype != state_dtype for p in params):
+        from prx_core.optim import StateDtypeAdamW
+
+        return StateDtypeAdamW(
+            groups,
+            state_dtype=state_dtype,
+            lr=config.lr,
+            betas=config.betas,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+        )
     fused = config.fused if config.fused is not None else run.device.type == "cuda"
     return torch.optim.AdamW(
-        [{"params": params, "name": "all"}],
+        groups,
         lr=config.lr,
         betas=config.betas,
         eps=config.eps,

@@ -119,3 +119,62 @@ def resume_scenarios(rank: int, world: int, port: int, workdir: str, strategy: s
     from prx_core.distributed import shutdown
 
     shutdown()
+
+
+def muon_scenarios(rank: int, world: int, port: int, workdir: str, strategy: str) -> None:
+    """The ``muon`` optimizer through the trainer on ``world`` gloo ranks (SPEC §7.7: not only FSDP2).
+
+    1. Straight: 4 steps, with a checkpoint after step 2 (saving changes nothing). 2. A fresh
+    trainer resumes that checkpoint and trains steps 3 and 4: must equal the straight run bitwise
+    (losses and gathered weights). 3. The straight run again with
+    ``train.compile = "blocks"`` (``aot_eager`` backend), compiled after DDP/FSDP2 wrapping: must
+    match the eager run to rounding. Results go to ``muon_<strategy>_<rank>.json``.
+    """
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+            "PRX_COMPILE_BACKEND": "aot_eager",
+        }
+    )
+    torch.set_num_threads(1)
+    from prx_core.testing.fixtures import make_trainer, run_steps, tiny_recipe
+
+    out: dict[str, object] = {}
+    root = Path(workdir)
+    try:
+        patch = {
+            "train": {"parallel": strategy, "steps": 6, "checkpoint_every": 100},
+            "optimizer": {"use": "muon", "lr": 1e-3},
+        }
+        recipe_dir = root / f"recipe_rank{rank}"
+        straight = make_trainer(tiny_recipe(recipe_dir, patch), root / "straight")
+        out["optimizer"] = type(straight.optimizer).__name__
+        out["groups"] = [len(g["params"]) for g in straight.optimizer.param_groups]
+        losses = run_steps(straight, 2)
+        straight.save()
+        out["straight_losses"] = losses + run_steps(straight, 2)
+        out["straight_params"] = _params(straight).tolist()
+
+        second = make_trainer(tiny_recipe(recipe_dir, patch), root / "straight", resume="auto")
+        out["resumed_at"] = second.step
+        out["resumed_losses"] = run_steps(second, 2)
+        out["resumed_params"] = _params(second).tolist()
+
+        compiled_patch = {**patch, "train": {**patch["train"], "compile": "blocks"}}
+        compiled = make_trainer(tiny_recipe(root / f"compiled_rank{rank}", compiled_patch), root / "compiled")
+        blocks = compiled.run.require("trainable").model.blocks
+        out["blocks_compiled"] = all(block._compiled_call_impl is not None for block in blocks)
+        out["compiled_losses"] = run_steps(compiled, 4)
+        out["compiled_params"] = _params(compiled).tolist()
+    except Exception:  # report to the parent, which asserts
+        out["error"] = traceback.format_exc()
+    (root / f"muon_{strategy}_{rank}.json").write_text(json.dumps(out))
+    from prx_core.distributed import shutdown
+
+    shutdown()

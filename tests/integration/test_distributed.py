@@ -115,3 +115,24 @@ def test_sigterm_to_the_torchrun_launcher_saves_a_committed_checkpoint(tmp_path:
     committed = CheckpointManager(tmp_path / "run" / "checkpoints").committed()
     assert len(committed) == 1 and committed[0].step >= 3
     assert "stop requested: saving step" in (tmp_path / "run" / "train.log").read_text()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_muon_trains_resumes_bitwise_and_compiles_on_two_ranks(strategy: str, tmp_path: Path) -> None:
+    """Muon through the trainer under DDP and FSDP2 (SPEC §7.7), with regional compile after wrapping."""
+    pytest.importorskip("prx_muon")
+    from prx_core.testing.distributed_scenarios import muon_scenarios
+
+    mp.spawn(muon_scenarios, args=(2, free_port(), str(tmp_path), strategy), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"muon_{strategy}_{r}.json").read_text()) for r in range(2)]
+    for r, result in enumerate(results):
+        assert "error" not in result, f"rank {r}:\n{result['error']}"
+        assert result["optimizer"] == "MuonAdamW" and min(result["groups"]) > 0
+        assert result["resumed_at"] == 2
+        assert result["resumed_losses"] == result["straight_losses"][2:]
+        assert result["resumed_params"] == result["straight_params"]
+        assert result["blocks_compiled"]
+        assert result["compiled_losses"] == pytest.approx(result["straight_losses"], rel=1e-5, abs=1e-7)
+        assert result["compiled_params"] == pytest.approx(result["straight_params"], rel=1e-5, abs=1e-6)
+    assert results[0]["straight_params"], "rank 0 must see the full weights"
+    assert results[0]["straight_losses"] != results[1]["straight_losses"]  # ranks trained on different data

@@ -10,10 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from prx_core.cli import EXTERNAL_COMMANDS
 from prx_core.recipe import deep_merge, dump_toml, load
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted(ROOT.glob("plugins/*/README.md"))]
+DOCS = [
+    ROOT / "README.md",
+    ROOT / "CONTRIBUTING.md",
+    *sorted(ROOT.glob("docs/*.md")),
+    *sorted(ROOT.glob("plugins/*/README.md")),
+]
 BLOCK = re.compile(r"```(\w+)\n(.*?)```", re.DOTALL)
 
 
@@ -88,6 +94,22 @@ def _commands(body: str) -> list[list[str]]:
     return out
 
 
+def _check_external(where: str, command: str, argv: list[str]) -> None:
+    """``prx-run precompute|ablate|report``: the arguments parse, and named recipes exist and load."""
+    import glob
+    import importlib
+
+    module = importlib.import_module(f"prx_core.commands.{EXTERNAL_COMMANDS[command]}")
+    args = module.parser().parse_args(argv)
+    recipes = [args.recipe] if isinstance(getattr(args, "recipe", None), str | Path) else []
+    recipes += [r for r in getattr(args, "recipes", None) or [] if str(r).endswith(".toml")]
+    for recipe in recipes:
+        matches = glob.glob(str(ROOT / recipe))
+        assert matches, f"{where}: {recipe} does not exist"
+        for match in matches:
+            load(match, getattr(args, "overrides", None) or [])
+
+
 @pytest.mark.parametrize(("where", "body"), blocks("bash"), ids=[w for w, _ in blocks("bash")])
 def test_shell_blocks_name_things_that_exist(where: str, body: str) -> None:
     from prx_core.cli import _check_parser, _train_parser
@@ -103,6 +125,9 @@ def test_shell_blocks_name_things_that_exist(where: str, body: str) -> None:
 
                 getattr(cli, f"{words[1]}_parser")().parse_args(words[2:])
                 continue
+            if words[1] in EXTERNAL_COMMANDS:
+                _check_external(where, words[1], words[2:])
+                continue
             if words[1] == "check":
                 args = _check_parser().parse_args(words[2:])
                 assert all((ROOT / p).exists() for p in args.paths), f"{where}: {args.paths}"
@@ -112,7 +137,11 @@ def test_shell_blocks_name_things_that_exist(where: str, body: str) -> None:
                 load(ROOT / args.recipe, args.overrides)
         elif words[0] in ("torchrun", "accelerate"):
             assert "prx_core.cli" in words, f"{where}: launch prx through its module"
-            args = _train_parser().parse_args(words[words.index("prx_core.cli") + 1 :])
+            rest = words[words.index("prx_core.cli") + 1 :]
+            if rest[0] in EXTERNAL_COMMANDS:
+                _check_external(where, rest[0], rest[1:])
+                continue
+            args = _train_parser().parse_args(rest)
             load(ROOT / args.recipe, args.overrides)
         elif words[0] in ("pip", "source", "export"):
             if words[0] == "pip" and "-e" in words:

@@ -103,16 +103,15 @@ def test_guard_predicts_state_dtype_before_the_first_step() -> None:
     Bf16Mixed(CPU).check(fp32_module, torch.optim.AdamW(fp32_module.parameters()), "at start")
 
 
-def test_bf16_weights_in_the_trainer_builds_bf16_and_refuses_torch_adamw(tmp_path: Path) -> None:
+def test_bf16_weights_in_the_trainer_builds_bf16_with_fp32_adamw_state(tmp_path: Path) -> None:
+    # The weights reach bf16 (otherwise the guard would name a float32 parameter), and the builtin
+    # AdamW keeps fp32 moments for them (the guard would refuse bf16 ones at start).
     recipe = tiny_recipe(tmp_path, {"precision": {"use": "bf16_weights"}})
     trainer = Trainer(recipe, tmp_path / "run")
-    # The weights did reach bf16 (otherwise the guard would name a float32 parameter); the
-    # builtin AdamW cannot keep fp32 state for them, and says so before training starts.
-    with pytest.raises(
-        PrecisionError, match=r"at start: optimizer AdamW would keep the state of 'model\..*' in torch\.bfloat16"
-    ):
-        trainer.setup()
+    trainer.setup()
     assert all(p.dtype == torch.bfloat16 for p in trainer.run.require("trainable").parameters())
+    assert type(trainer.optimizer).__name__ == "StateDtypeAdamW"
+    assert trainer.optimizer.state_dtype == torch.float32
 
 
 # --------------------------------------------------------------------------- visibility

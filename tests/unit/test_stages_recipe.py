@@ -77,3 +77,17 @@ def test_bad_stage_tables_are_named(tmp_path: Path, stages: list, message: str) 
 def test_override_index_out_of_range_is_clear(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="'stages' has 2 entries"):
         load(write_recipe(tmp_path, TWO_STAGES), ["stages.5.steps=1"])
+
+
+def test_a_slot_that_changes_entry_does_not_inherit_the_old_settings(tmp_path: Path) -> None:
+    parent = write_recipe(tmp_path, {"optimizer": {"use": "adamw", "lr": 1e-3, "betas": [0.9, 0.95]}}, "parent.toml")
+    child = tmp_path / "child.toml"
+    child.write_text(f'extends = "{parent.name}"\n[precision]\nuse = "bf16_mixed"\n[optimizer]\nlr = 2e-3\n')
+    recipe = load(child)
+    assert recipe.slot_config("optimizer").lr == 2e-3 and tuple(recipe.slot_config("optimizer").betas) == (0.9, 0.95)
+    # Same entry: merged. Another entry: replaced (synthetic_shapes' max_shapes would be unknown to it).
+    swapped = tmp_path / "swapped.toml"
+    swapped.write_text(f'extends = "{parent.name}"\n[precision]\nuse = "bf16_weights"\n')
+    assert load(swapped).slots["precision"].use == "bf16_weights"
+    data_parent = write_recipe(tmp_path, {"data": {"use": "synthetic_shapes", "max_shapes": 2}}, "data_parent.toml")
+    assert load(data_parent, ["data.use=synthetic_shapes"]).slot_config("data").max_shapes == 2

@@ -97,3 +97,10 @@ def test_recipe_check_and_two_training_steps(tmp_path: Path, tiny_dir: Path) -> 
     table = {"use": "dc_ae", "path": str(tiny_dir), "channels": 3, "spatial_compression": 2}
     trainer = make_trainer(tiny_recipe(tmp_path / "ok", {"latent_space": table}), tmp_path / "run")
     assert all(math.isfinite(loss) for loss in run_steps(trainer, 2))
+
+
+def test_deterministic_space_offers_no_posterior(tiny_dir: Path) -> None:
+    # prx-run precompute stores encode(images, None) for a space without encode_distribution.
+    from prx_core.slots import DistributionLatentSpace
+
+    assert not isinstance(_space(tiny_dir), DistributionLatentSpace)

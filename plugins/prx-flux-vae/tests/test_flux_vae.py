@@ -151,3 +151,19 @@ def test_trains_two_steps_and_samples(tmp_path: Path, tiny_dir: Path) -> None:
     images = trainer.generate(["a red square", "a blue circle"], steps=2, cfg=2.0, seed=0, size=16)
     assert images.shape == (2, 3, 16, 16)
     assert images.min() >= 0 and images.max() <= 1
+
+
+def test_encode_distribution_is_the_normalised_posterior(tiny_dir: Path) -> None:
+    # What prx-run precompute stores: its mean is the mode encode() gives without a generator, and
+    # mean + std·ε with the ε encode() draws from a generator is that sample (same draws, same shape).
+    from prx_core.slots import DistributionLatentSpace
+
+    space = _space(tiny_dir, sample_posterior=True)
+    assert isinstance(space, DistributionLatentSpace)
+    images = _images()
+    mean, std = space.encode_distribution(images)
+    torch.testing.assert_close(mean, space.encode(images, None))
+    posterior = _raw(tiny_dir).encode(images * 2 - 1).latent_dist
+    torch.testing.assert_close(std, posterior.std * 0.3611)
+    eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(9), dtype=mean.dtype)
+    torch.testing.assert_close(mean + std * eps, space.encode(images, torch.Generator().manual_seed(9)))

@@ -144,3 +144,27 @@ def test_trains_two_steps_packed(tmp_path: Path, tiny_dir: Path) -> None:
     assert all(math.isfinite(loss) for loss in run_steps(trainer, 2))
     images = trainer.generate(["a red square"], steps=2, cfg=2.0, seed=0, size=16)
     assert images.shape == (1, 3, 16, 16)
+
+
+@pytest.mark.parametrize("layout", ["spatial", "packed"])
+def test_encode_distribution_is_the_normalised_posterior(tiny_dir: Path, layout: str) -> None:
+    # The batch-norm normalisation is affine per (channel, sub-pixel): the stored mean is the mode,
+    # the stored std the raw σ patchified and divided by the statistics' std.
+    from prx_core.slots import DistributionLatentSpace
+
+    space = _space(tiny_dir, layout=layout)
+    assert isinstance(space, DistributionLatentSpace)
+    images = _images()
+    mean, std = space.encode_distribution(images)
+    torch.testing.assert_close(mean, space.encode(images, None))
+    ae = AutoencoderKLFlux2.from_pretrained(tiny_dir, subfolder="vae").to(torch.float64).eval()
+    bn_std = torch.sqrt(ae.bn.running_var.view(1, -1, 1, 1) + ae.config.batch_norm_eps)
+    expected_std = Flux2Pipeline._patchify_latents(ae.encode(images * 2 - 1).latent_dist.std) / bn_std
+    torch.testing.assert_close(std, expected_std if layout == "packed" else unpatchify(expected_std))
+    if layout == "spatial":  # same layout as the raw latents: encode()'s own draws reproduce its sample
+        eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(4), dtype=mean.dtype)
+        torch.testing.assert_close(mean + std * eps, space.encode(images, torch.Generator().manual_seed(4)))
+    else:  # packed: the same distribution, checked by its moments over many draws
+        draws = torch.stack([space.encode(images, torch.Generator().manual_seed(s)) for s in range(400)])
+        torch.testing.assert_close(draws.mean(0), mean, atol=4 * float(std.max()) / 20, rtol=0)
+        torch.testing.assert_close(draws.std(0), std, atol=0.25 * float(std.max()), rtol=0)

@@ -279,3 +279,61 @@ def test_one_step_under_bf16_mixed(kind: str, weights: Path, tmp_path: Path) -> 
     assert {p.dtype for p in teacher.model.parameters()} == {trainer.run.precision.frozen_dtype}
     loss, terms, grad_norm = trainer.train_step(0)
     assert bool(loss.isfinite()) and bool(terms["irepa"].isfinite()) and bool(grad_norm.isfinite())
+
+
+# --------------------------------------------------------------------------- precomputed targets
+
+
+def _step(run: Any, images: torch.Tensor | None, x0: torch.Tensor, stash: Stash, **extra: Any) -> StepContext:
+    zeros = torch.zeros_like(x0)
+    return StepContext(
+        run=run,
+        step=0,
+        micro_step=0,
+        images_BCHW=images,
+        x0_BCHW=x0,
+        noise_BCHW=zeros,
+        t_B=torch.full((x0.shape[0],), 0.5),
+        x_t_BCHW=zeros,
+        text_BLD=torch.zeros(x0.shape[0], 4, 384),
+        mask_BL=torch.ones(x0.shape[0], 4, dtype=torch.bool),
+        stash=stash,
+        generator=torch.Generator().manual_seed(0),
+        **extra,
+    )
+
+
+@pytest.mark.parametrize("kind", ["conv", "attention"])
+def test_loss_from_precomputed_features_equals_the_online_loss(kind: str, weights: Path, tmp_path: Path) -> None:
+    trainer = make_trainer(tiny_recipe(tmp_path / "r", _patch(weights, projector=kind)), tmp_path / "run")
+    run = trainer.run
+    g = torch.Generator().manual_seed(6)
+    images = torch.rand(3, 3, 16, 16, generator=g)
+    x0 = images * 2 - 1
+    stash = Stash()
+    if kind == "attention":  # routed: the stored full-grid targets are gathered like the online ones
+        idx = torch.stack([torch.randperm(16, generator=g)[:9].sort().values for _ in range(3)])
+        stash[ROUTE_PLAN] = RoutePlan(visible_idx_BK=idx, full_length=16, start=1, end=2)
+        stash[CAPTURED_FEATURES] = {1: torch.randn(3, 9, 32, generator=g)}
+    else:
+        stash[CAPTURED_FEATURES] = {1: torch.randn(3, 16, 32, generator=g)}
+    features = prx_irepa.prx_precompute_features(run=run, images_BCHW=images)
+    assert set(features) == {"irepa:dinov2_vitl14_reg:4x4"}
+    teacher = prx_irepa.loaded_teacher(run)
+    with torch.no_grad():  # stored targets are the normalised ones, over the full grid
+        expected = spatial_normalise(teacher.patch_tokens(images, (4, 4)))
+    assert torch.equal(features["irepa:dinov2_vitl14_reg:4x4"], expected)
+    (online,) = prx_irepa.prx_loss_terms(_step(run, images, x0, stash))
+    (stored,) = prx_irepa.prx_loss_terms(_step(run, None, x0, stash, precomputed=features))
+    assert torch.equal(stored.value, online.value)
+    with pytest.raises(RuntimeError, match="no images and no precomputed targets"):
+        prx_irepa.prx_loss_terms(_step(run, None, x0, stash))
+
+
+def test_stored_targets_spare_the_teacher(weights: Path) -> None:
+    plugins = {"irepa": bind(IrepaConfig, {"layer": 0, "weights": str(weights)})}
+    stored = {"irepa:dinov2_vitl14_reg:4x4": (16, 32), "repa:dinov2_vitl14_reg:4x4": (16, 64)}
+    run = SimpleNamespace(data=SimpleNamespace(precomputed_features=stored), plugin_config=plugins.__getitem__)
+    assert prx_irepa.precomputed_width(run) == 32  # type: ignore[arg-type]
+    run.data = SimpleNamespace()
+    assert prx_irepa.precomputed_width(run) is None  # type: ignore[arg-type]

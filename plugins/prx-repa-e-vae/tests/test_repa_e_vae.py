@@ -95,3 +95,17 @@ def test_recipe_check_and_two_training_steps(tmp_path: Path, tiny_dir: Path) -> 
         tiny_recipe(tmp_path / "default", {"latent_space": {"use": "repa_e_vae"}})
     trainer = make_trainer(tiny_recipe(tmp_path / "ok", {"latent_space": table}), tmp_path / "run")
     assert all(math.isfinite(loss) for loss in run_steps(trainer, 2))
+
+
+def test_encode_distribution_is_the_normalised_posterior(tiny_dir: Path) -> None:
+    from prx_core.slots import DistributionLatentSpace
+
+    space = _space(tiny_dir)
+    assert isinstance(space, DistributionLatentSpace)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    mean, std = space.encode_distribution(images)
+    torch.testing.assert_close(mean, space.encode(images, None))
+    raw = AutoencoderKL.from_pretrained(tiny_dir).to(torch.float64).eval()
+    torch.testing.assert_close(std, raw.encode(images * 2 - 1).latent_dist.std * SCALE)
+    eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(4), dtype=mean.dtype)
+    torch.testing.assert_close(mean + std * eps, space.encode(images, torch.Generator().manual_seed(4)))

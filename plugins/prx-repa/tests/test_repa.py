@@ -258,3 +258,67 @@ def test_dinov3_teacher_under_bf16_mixed(tmp_path: Path) -> None:
     assert {p.dtype for p in teacher.model.parameters()} == {trainer.run.precision.frozen_dtype}
     losses = run_steps(trainer, 1)
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+# --------------------------------------------------------------------------- precomputed targets
+
+
+def _step(run: Any, images: torch.Tensor | None, x0: torch.Tensor, stash: Stash, **extra: Any) -> StepContext:
+    zeros = torch.zeros_like(x0)
+    return StepContext(
+        run=run,
+        step=0,
+        micro_step=0,
+        images_BCHW=images,
+        x0_BCHW=x0,
+        noise_BCHW=zeros,
+        t_B=torch.full((x0.shape[0],), 0.5),
+        x_t_BCHW=zeros,
+        text_BLD=torch.zeros(x0.shape[0], 4, 384),
+        mask_BL=torch.ones(x0.shape[0], 4, dtype=torch.bool),
+        stash=stash,
+        generator=torch.Generator().manual_seed(0),
+        **extra,
+    )
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_loss_from_precomputed_features_equals_the_online_loss(weights: Path, tmp_path: Path, routed: bool) -> None:
+    trainer = make_trainer(tiny_recipe(tmp_path / "r", _patch(weights, layer=1)), tmp_path / "run")
+    run = trainer.run
+    g = torch.Generator().manual_seed(5)
+    images = torch.rand(3, 3, 16, 16, generator=g)
+    x0 = images * 2 - 1  # pixel space: latents at image size, patch 4 -> a 4×4 grid
+    stash = Stash()
+    if routed:
+        idx = torch.stack([torch.randperm(16, generator=g)[:9].sort().values for _ in range(3)])
+        stash[ROUTE_PLAN] = RoutePlan(visible_idx_BK=idx, full_length=16, start=1, end=2)
+        stash[CAPTURED_FEATURES] = {1: torch.randn(3, 9, 32, generator=g)}
+    else:
+        stash[CAPTURED_FEATURES] = {1: torch.randn(3, 16, 32, generator=g)}
+    features = prx_repa.prx_precompute_features(run=run, images_BCHW=images)
+    assert set(features) == {"repa:dinov2_vitl14_reg:4x4"}
+    assert features["repa:dinov2_vitl14_reg:4x4"].shape == (3, 16, 32)
+    (online,) = prx_repa.prx_loss_terms(_step(run, images, x0, stash))
+    # As training from shards sees it: no pixels, the stored targets (as the trainer hands them over).
+    (stored,) = prx_repa.prx_loss_terms(_step(run, None, x0, stash, precomputed=features))
+    assert torch.equal(stored.value, online.value)
+    with pytest.raises(RuntimeError, match="no images and no precomputed teacher tokens for a 4x4"):
+        prx_repa.prx_loss_terms(
+            _step(
+                run, None, x0, stash, precomputed={"repa:dinov2_vitl14_reg:8x8": features["repa:dinov2_vitl14_reg:4x4"]}
+            )
+        )
+
+
+def test_stored_tokens_spare_the_teacher(weights: Path) -> None:
+    from types import SimpleNamespace
+
+    recipe_plugins = {"repa": bind(RepaConfig, {"layer": 0, "weights": str(weights)})}
+    stored = {"repa:dinov2_vitl14_reg:4x4": (16, 32), "irepa:dinov2_vitl14_reg:4x4": (16, 64)}
+    run = SimpleNamespace(data=SimpleNamespace(precomputed_features=stored), plugin_config=recipe_plugins.__getitem__)
+    assert prx_repa.precomputed_width(run) == 32  # type: ignore[arg-type]
+    run.data.precomputed_features = {"repa:dinov3_vitl16:4x4": (16, 32)}  # another teacher's tokens
+    assert prx_repa.precomputed_width(run) is None  # type: ignore[arg-type]
+    run.data = SimpleNamespace()  # a pixel data source
+    assert prx_repa.precomputed_width(run) is None  # type: ignore[arg-type]

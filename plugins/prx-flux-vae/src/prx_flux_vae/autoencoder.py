@@ -81,6 +81,17 @@ class FluxVAESpace:
         z_BCHW = posterior.sample(generator=generator) if sample else posterior.mode()
         return normalise(z_BCHW, self.shift, self.scale)
 
+    def encode_distribution(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior N(μ, σ²) in the normalised space (:class:`prx_core.slots.DistributionLatentSpace`).
+
+        The normalisation is affine, so the normalised posterior is N((μ − shift)·scale, (σ·scale)²);
+        its mean is what ``encode(images, None)`` returns, and mean + std·ε with the ε that
+        ``encode(images, generator)`` draws gives that sample.
+        """
+        signed_BCHW = (images_BCHW * 2 - 1).to(device=self.vae.device, dtype=self.vae.dtype)
+        posterior = self.vae.encode(signed_BCHW).latent_dist
+        return normalise(posterior.mean, self.shift, self.scale), posterior.std * self.scale
+
     def decode(self, latents_BCHW: torch.Tensor) -> torch.Tensor:
         z_BCHW = denormalise(latents_BCHW.to(device=self.vae.device, dtype=self.vae.dtype), self.shift, self.scale)
         return ((self.vae.decode(z_BCHW).sample + 1) / 2).clamp(0, 1)

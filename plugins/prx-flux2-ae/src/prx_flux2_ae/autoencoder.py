@@ -85,6 +85,20 @@ class Flux2Space:
         normalised_BCHW = (patchify(z_BCHW) - self.mean_1C11) / self.std_1C11
         return normalised_BCHW if self.packed else unpatchify(normalised_BCHW)
 
+    def encode_distribution(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior in the normalised space (:class:`prx_core.slots.DistributionLatentSpace`).
+
+        Patchify and the batch-norm normalisation act per (channel, sub-pixel) as x ↦ (x − m)/s, so
+        the normalised posterior has mean (patchify(μ) − m)/s and std patchify(σ)/s, laid out like
+        ``encode``'s output; the mean is ``encode(images, None)``.
+        """
+        posterior = self.ae.encode((images_BCHW * 2 - 1).to(self.ae.device, self.ae.dtype)).latent_dist
+        mean_BCHW = (patchify(posterior.mean) - self.mean_1C11) / self.std_1C11
+        std_BCHW = patchify(posterior.std) / self.std_1C11
+        if self.packed:
+            return mean_BCHW, std_BCHW
+        return unpatchify(mean_BCHW), unpatchify(std_BCHW)
+
     def decode(self, latents_BCHW: torch.Tensor) -> torch.Tensor:
         latents_BCHW = latents_BCHW.to(self.ae.device, self.ae.dtype)
         packed_BCHW = latents_BCHW if self.packed else patchify(latents_BCHW)

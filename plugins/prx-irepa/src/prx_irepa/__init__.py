@@ -32,7 +32,15 @@ if TYPE_CHECKING:
     from prx_core.context import RunContext, StepContext
     from prx_core.vision import FrozenEncoder
 
-__all__ = ["INFO", "IrepaConfig", "loaded_teacher", "prx_build_modules", "prx_configure", "prx_loss_terms"]
+__all__ = [
+    "INFO",
+    "IrepaConfig",
+    "loaded_teacher",
+    "prx_build_modules",
+    "prx_configure",
+    "prx_loss_terms",
+    "prx_precompute_features",
+]
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,21 @@ def prx_configure(run: RunContext) -> None:
         raise RecipeError(f"plugins.irepa.layer is {config.layer}, but the model has blocks 0..{depth - 1}")
     check_router_span(run.router, config.layer, config.projector)
     run.capture_after_block(config.layer)
-    loaded_teacher(run)
+    if precomputed_width(run) is None:
+        loaded_teacher(run)
+
+
+def precomputed_width(run: RunContext) -> int | None:
+    """The teacher's embedding width when the data source stores this encoder's targets, else None.
+
+    Training from ``prx-run precompute --features`` shards then never loads the teacher.
+    """
+    config: IrepaConfig = run.plugin_config(INFO.name)
+    stored = getattr(run.data, "precomputed_features", None) or {}
+    widths = {shape[-1] for key, shape in stored.items() if key.startswith(f"{INFO.name}:{config.encoder}:")}
+    if len(widths) > 1:
+        raise RecipeError(f"irepa: the precomputed '{config.encoder}' targets have several widths {sorted(widths)}")
+    return widths.pop() if widths else None
 
 
 @hookimpl
@@ -129,26 +151,48 @@ def prx_build_modules(run: RunContext) -> dict[str, torch.nn.Module]:
         run.recipe.model.hidden_size,
         config.projector_dim,
         config.projector_heads,
-        loaded_teacher(run).embed_dim,
+        precomputed_width(run) or loaded_teacher(run).embed_dim,
     )
     return {INFO.name: projector}
 
 
 @hookimpl
+def prx_precompute_features(run: RunContext, images_BCHW: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The spatially normalised teacher tokens over the full token grid (before any route plan)."""
+    import torch
+
+    from prx_irepa.alignment import feature_key, spatial_normalise
+
+    config: IrepaConfig = run.plugin_config(INFO.name)
+    stride = run.require("latent_space").spatial_compression * run.recipe.model.patch_size
+    height, width = images_BCHW.shape[-2:]
+    if height % stride or width % stride:
+        raise ValueError(f"irepa: images of {height}x{width} do not cut into {stride}-px tokens")
+    grid_hw = (height // stride, width // stride)
+    with torch.no_grad():
+        targets_BNE = spatial_normalise(loaded_teacher(run).patch_tokens(images_BCHW, grid_hw))
+    return {feature_key(config.encoder, grid_hw): targets_BNE}
+
+
+@hookimpl
 def prx_loss_terms(step: StepContext) -> list[LossTerm]:
     from prx_core.keys import ROUTE_PLAN, captured_block
-    from prx_irepa.alignment import irepa_loss
+    from prx_core.vision import token_grid
+    from prx_irepa.alignment import feature_key, irepa_loss
 
     run = step.run
     config: IrepaConfig = run.plugin_config(INFO.name)
+    stored = step.precomputed.get(feature_key(config.encoder, token_grid(step.x0_BCHW, run.recipe.model.patch_size)))
     value = irepa_loss(
         run.require("trainable").extras[INFO.name],
         captured_block(step.stash, config.layer, INFO.name),
-        loaded_teacher(run),
+        # Without stored targets the teacher runs (loaded now if setup did not need it).
+        loaded_teacher(run) if stored is None and step.images_BCHW is not None else None,
         step.images_BCHW,
         step.x0_BCHW,
         run.recipe.model.patch_size,
         plan=step.stash.get(ROUTE_PLAN),
         layer=config.layer,
+        precomputed_BNE=stored,
     )
     return [LossTerm(INFO.name, config.weight, value)]

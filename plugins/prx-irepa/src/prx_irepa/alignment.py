@@ -104,25 +104,43 @@ def irepa_targets(
         return visible_targets(targets_BNE, plan, layer)
 
 
+def feature_key(encoder: str, grid_hw: tuple[int, int]) -> str:
+    """The key of precomputed normalised targets (``prx_precompute_features``) for one token grid."""
+    return f"irepa:{encoder}:{grid_hw[0]}x{grid_hw[1]}"
+
+
 def irepa_loss(
     projector: torch.nn.Module,
     tokens_BKH: torch.Tensor,
-    teacher: FrozenEncoder,
-    images_BCHW: torch.Tensor,
+    teacher: FrozenEncoder | None,
+    images_BCHW: torch.Tensor | None,
     x0_BCHW: torch.Tensor,
     patch_size: int,
     *,
     plan: RoutePlan | None,
     layer: int,
+    precomputed_BNE: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """−mean cosine similarity between projected block tokens and the normalised teacher tokens."""
+    """−mean cosine similarity between projected block tokens and the normalised teacher tokens.
+
+    ``precomputed_BNE``: the spatially normalised teacher tokens of these images over the full
+    grid, stored by ``prx-run precompute``; the teacher then does not run.
+    """
     if isinstance(projector, ConvProjector) and route_covers(plan, layer):
         raise RoutingUnsupportedError(
             f"irepa: block {layer} is inside the token router's span, and the conv projector needs the full "
             'token grid; use projector = "attention" or align a block outside the routed span'
         )
     grid_hw = token_grid(x0_BCHW, patch_size)
-    targets_BKE = irepa_targets(teacher, images_BCHW, grid_hw, plan, layer)
+    if precomputed_BNE is not None:
+        targets_BKE = visible_targets(precomputed_BNE.detach(), plan, layer)
+    elif teacher is None or images_BCHW is None:
+        raise RuntimeError(
+            "irepa: this batch has no images and no precomputed targets for a "
+            f"{grid_hw[0]}x{grid_hw[1]} token grid; precompute with --features and the same encoder and patch size"
+        )
+    else:
+        targets_BKE = irepa_targets(teacher, images_BCHW, grid_hw, plan, layer)
     if targets_BKE.shape[:2] != tokens_BKH.shape[:2]:
         raise RuntimeError(
             f"irepa: block {layer} has tokens of shape {tuple(tokens_BKH.shape)} but the teacher gives targets "

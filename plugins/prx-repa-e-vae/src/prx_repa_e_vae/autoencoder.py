@@ -67,6 +67,12 @@ class RepaEVAESpace:
         use_sample = self.sample_posterior and generator is not None
         return ((posterior.sample(generator=generator) if use_sample else posterior.mode()) - self.shift) * self.scale
 
+    def encode_distribution(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior in the normalised space: N((μ − shift)·scale, (σ·scale)²)
+        (:class:`prx_core.slots.DistributionLatentSpace`); the mean is ``encode(images, None)``."""
+        posterior = self.vae.encode((images_BCHW * 2 - 1).to(self.vae.device, self.vae.dtype)).latent_dist
+        return (posterior.mean - self.shift) * self.scale, posterior.std * self.scale
+
     def decode(self, latents_BCHW: torch.Tensor) -> torch.Tensor:
         z_BCHW = latents_BCHW.to(self.vae.device, self.vae.dtype) / self.scale + self.shift
         return ((self.vae.decode(z_BCHW).sample + 1) / 2).clamp(0, 1)

@@ -27,7 +27,15 @@ if TYPE_CHECKING:
     from prx_core.context import RunContext, StepContext
     from prx_core.vision import FrozenEncoder
 
-__all__ = ["INFO", "RepaConfig", "loaded_teacher", "prx_build_modules", "prx_configure", "prx_loss_terms"]
+__all__ = [
+    "INFO",
+    "RepaConfig",
+    "loaded_teacher",
+    "prx_build_modules",
+    "prx_configure",
+    "prx_loss_terms",
+    "prx_precompute_features",
+]
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,19 @@ def loaded_teacher(run: RunContext) -> FrozenEncoder:
     return frozen_encoder_for_run(run, INFO.name, run.plugin_config(INFO.name))
 
 
+def precomputed_width(run: RunContext) -> int | None:
+    """The teacher's embedding width when the data source stores this encoder's tokens, else None.
+
+    Training from ``prx-run precompute --features`` shards then never loads the teacher.
+    """
+    config: RepaConfig = run.plugin_config(INFO.name)
+    stored = getattr(run.data, "precomputed_features", None) or {}
+    widths = {shape[-1] for key, shape in stored.items() if key.startswith(f"{INFO.name}:{config.encoder}:")}
+    if len(widths) > 1:
+        raise RecipeError(f"repa: the precomputed '{config.encoder}' tokens have several widths {sorted(widths)}")
+    return widths.pop() if widths else None
+
+
 @hookimpl
 def prx_configure(run: RunContext) -> None:
     config: RepaConfig = run.plugin_config(INFO.name)
@@ -85,7 +106,8 @@ def prx_configure(run: RunContext) -> None:
     if config.layer >= depth:
         raise RecipeError(f"plugins.repa.layer is {config.layer}, but the model has blocks 0..{depth - 1}")
     run.capture_after_block(config.layer)
-    loaded_teacher(run)
+    if precomputed_width(run) is None:
+        loaded_teacher(run)
 
 
 @hookimpl
@@ -93,26 +115,49 @@ def prx_build_modules(run: RunContext) -> dict[str, torch.nn.Module]:
     from prx_repa.alignment import build_projector
 
     config: RepaConfig = run.plugin_config(INFO.name)
+    width = precomputed_width(run) or loaded_teacher(run).embed_dim
     # Plain init: core seeds the global generator from (recipe seed, plugin name) around this hook.
-    projector = build_projector(run.recipe.model.hidden_size, config.projector_dim, loaded_teacher(run).embed_dim)
+    projector = build_projector(run.recipe.model.hidden_size, config.projector_dim, width)
     return {INFO.name: projector}
+
+
+@hookimpl
+def prx_precompute_features(run: RunContext, images_BCHW: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The teacher's patch tokens on the denoiser's token grid, as the loss would compute them."""
+    import torch
+
+    from prx_repa.alignment import feature_key
+
+    config: RepaConfig = run.plugin_config(INFO.name)
+    stride = run.require("latent_space").spatial_compression * run.recipe.model.patch_size
+    height, width = images_BCHW.shape[-2:]
+    if height % stride or width % stride:
+        raise ValueError(f"repa: images of {height}x{width} do not cut into {stride}-px tokens")
+    grid_hw = (height // stride, width // stride)
+    with torch.no_grad():
+        tokens_BNE = loaded_teacher(run).patch_tokens(images_BCHW, grid_hw)
+    return {feature_key(config.encoder, grid_hw): tokens_BNE}
 
 
 @hookimpl
 def prx_loss_terms(step: StepContext) -> list[LossTerm]:
     from prx_core.keys import ROUTE_PLAN, captured_block
-    from prx_repa.alignment import repa_loss
+    from prx_core.vision import token_grid
+    from prx_repa.alignment import feature_key, repa_loss
 
     run = step.run
     config: RepaConfig = run.plugin_config(INFO.name)
+    stored = step.precomputed.get(feature_key(config.encoder, token_grid(step.x0_BCHW, run.recipe.model.patch_size)))
     value = repa_loss(
         run.require("trainable").extras[INFO.name],
         captured_block(step.stash, config.layer, INFO.name),
-        loaded_teacher(run),
+        # Without stored tokens the teacher runs (loaded now if setup did not need it).
+        loaded_teacher(run) if stored is None and step.images_BCHW is not None else None,
         step.images_BCHW,
         step.x0_BCHW,
         run.recipe.model.patch_size,
         plan=step.stash.get(ROUTE_PLAN),
         layer=config.layer,
+        precomputed_BNE=stored,
     )
     return [LossTerm(INFO.name, config.weight, value)]

@@ -46,19 +46,38 @@ def repa_targets(
         return visible_targets(targets_BNE, plan, layer)
 
 
+def feature_key(encoder: str, grid_hw: tuple[int, int]) -> str:
+    """The key of precomputed teacher tokens (``prx_precompute_features``) for one token grid."""
+    return f"repa:{encoder}:{grid_hw[0]}x{grid_hw[1]}"
+
+
 def repa_loss(
     projector: torch.nn.Module,
     tokens_BKH: torch.Tensor,
-    teacher: FrozenEncoder,
-    images_BCHW: torch.Tensor,
+    teacher: FrozenEncoder | None,
+    images_BCHW: torch.Tensor | None,
     x0_BCHW: torch.Tensor,
     patch_size: int,
     *,
     plan: RoutePlan | None,
     layer: int,
+    precomputed_BNE: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """−mean cosine similarity between projected block tokens and the teacher's patch tokens."""
-    targets_BKE = repa_targets(teacher, images_BCHW, token_grid(x0_BCHW, patch_size), plan, layer)
+    """−mean cosine similarity between projected block tokens and the teacher's patch tokens.
+
+    ``precomputed_BNE``: the teacher's patch tokens of these images, stored by ``prx-run
+    precompute`` (what :meth:`FrozenEncoder.patch_tokens` gives here); the teacher then does not run.
+    """
+    grid_hw = token_grid(x0_BCHW, patch_size)
+    if precomputed_BNE is not None:
+        targets_BKE = visible_targets(precomputed_BNE.detach(), plan, layer)
+    elif teacher is None or images_BCHW is None:
+        raise RuntimeError(
+            "repa: this batch has no images and no precomputed teacher tokens for a "
+            f"{grid_hw[0]}x{grid_hw[1]} token grid; precompute with --features and the same encoder and patch size"
+        )
+    else:
+        targets_BKE = repa_targets(teacher, images_BCHW, grid_hw, plan, layer)
     if targets_BKE.shape[:2] != tokens_BKH.shape[:2]:
         raise RuntimeError(
             f"repa: block {layer} has tokens of shape {tuple(tokens_BKH.shape)} but the teacher gives targets "

@@ -1,0 +1,293 @@
+"""Data source ``precomputed``: train from the shards ``prx-run precompute`` wrote.
+
+Batches carry latents (or the posterior mean and std, sampled by the trainer each step), the text
+states of one caption key per sample, the captions themselves and any precomputed plugin
+features, but no pixels. The trainer therefore never needs the autoencoder or the text encoder
+for a training step; it builds them lazily, for sampling and evaluation only
+(``provides_encodings``).
+
+The sample order is :func:`prx_core.data.order.batch_indices` over the stored per-sample buckets:
+one bucket per batch, a pure function of (request, seed), so resume is exact and a new seed gives
+a new order. Rows are read lazily from the shards (:class:`prx_core.shards.ShardReader`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from prx_core import hookimpl
+from prx_core.hookspecs import PluginInfo
+
+if TYPE_CHECKING:
+    import torch
+
+    from prx_core.slots import BatchRequest, RawBatch
+
+
+@dataclass(frozen=True)
+class PrecomputedConfig:
+    """The ``[data]`` table when ``use = "precomputed"``."""
+
+    #: The output directory of ``prx-run precompute`` (holds ``index.json``).
+    path: str = ""
+    #: Caption key -> sampling weight, drawn per sample among the stored keys. Unset: "long"
+    #: alone when it was stored, else the first stored key.
+    caption_weights: dict[str, float] | None = None
+    #: Image side for sample grids and generated evaluation images. Unset: the size recorded by
+    #: precompute (the data source's ``size``), else the largest bucket's height.
+    size: int | None = None
+    #: None: the recipe's seed, so changing ``seed`` changes the order too (SPEC §7.6).
+    seed: int | None = None
+    #: Shard files kept open (memory-mapped) at once by each rank.
+    open_shards: int = 32
+
+    def __post_init__(self) -> None:
+        from prx_core.data.captions import validate_caption_weights
+
+        if not self.path:
+            raise ValueError("path must be the output directory of prx-run precompute")
+        if self.caption_weights is not None:
+            validate_caption_weights(self.caption_weights)
+        if self.size is not None and self.size < 1:
+            raise ValueError(f"size must be >= 1, got {self.size}")
+        if self.open_shards < 1:
+            raise ValueError(f"open_shards must be >= 1, got {self.open_shards}")
+
+
+INFO = PluginInfo(
+    name="precomputed",
+    summary="Data source: latents, text states and features precomputed by `prx-run precompute`",
+    spec="DESIGN (Runtime: data at scale)",
+)
+
+#: Recipe tables that must equal the ones the shards were made with.
+CHECKED_TABLES = ("latent_space", "text_encoder")
+
+
+def table_mismatch(recorded: dict[str, Any], current: dict[str, Any], root: Any) -> str | None:
+    """Why the recipe's tower tables do not match the recorded ones (None when they match)."""
+    for table in CHECKED_TABLES:
+        if recorded.get(table) != current.get(table):
+            return (
+                f"data.path {root} was precomputed with [{table}] {recorded.get(table)}, but this recipe has "
+                f"[{table}] {current.get(table)}; precompute again with this recipe, or use the recorded table"
+            )
+    return None
+
+
+def _warn_on_version_change(recorded: dict[str, str], recipe: Any, root: Any) -> None:
+    """A tower plugin whose version changed since precompute may encode differently: say so loudly."""
+    import logging
+
+    for slot in CHECKED_TABLES:
+        plugin = recipe.slots[slot].plugin
+        before, now = recorded.get(plugin), recipe.active.versions.get(plugin)
+        if before is not None and before != now:
+            logging.getLogger("prx").warning(
+                "data.path %s was precomputed with %s %s, this run has %s %s; if that release changed its "
+                "encoding, precompute again",
+                root,
+                plugin,
+                before,
+                plugin,
+                now,
+            )
+
+
+class PrecomputedSource:
+    """:class:`prx_core.slots.DataSource` and :class:`prx_core.slots.EncodingsSource` over shards."""
+
+    provides_encodings = True
+
+    def __init__(self, config: PrecomputedConfig, run: Any) -> None:
+        import hashlib
+        from pathlib import Path
+
+        from prx_core.config import RecipeError
+        from prx_core.data.captions import validate_caption_weights
+        from prx_core.shards import INDEX_FILE, ShardReader, read_index
+
+        root = Path(config.path).expanduser()
+        index = read_index(root)
+        problem = table_mismatch(index, run.recipe.resolved(), root)
+        if problem:
+            raise RecipeError(problem)
+        self.root = root
+        self.index = index
+        _warn_on_version_change(index.get("plugin_versions", {}), run.recipe, root)
+        self.seed = config.seed if config.seed is not None else int(run.recipe.seed)
+        self.caption_keys: tuple[str, ...] = tuple(index["caption_keys"])
+        if config.caption_weights is not None:
+            weights = dict(config.caption_weights)
+        else:
+            weights = {"long" if "long" in self.caption_keys else self.caption_keys[0]: 1.0}
+        try:
+            self.caption_weights = validate_caption_weights(weights, available=self.caption_keys)
+        except ValueError as err:
+            raise RecipeError(f"data.caption_weights: {err} (the keys {root} stores)") from None
+        self.samples: list[list[Any]] = index["samples"]
+        if not self.samples:
+            raise RecipeError(f"data.path {root} holds no samples")
+        buckets = sorted({(int(s[2]), int(s[3])) for s in self.samples})
+        bucket_number = {b: i for i, b in enumerate(buckets)}
+        self.buckets = buckets
+        self.bucket_ids = [bucket_number[(int(s[2]), int(s[3]))] for s in self.samples]
+        self.shards: list[dict[str, Any]] = index["shards"]
+        self.mode: str = index["mode"]
+        self.precomputed_features: dict[str, tuple[int, ...]] = {
+            k: tuple(int(d) for d in v) for k, v in index.get("features", {}).items()
+        }
+        self.text_shape: tuple[int, int] = (int(index["text_shape"][0]), int(index["text_shape"][1]))
+        self.size = config.size or index.get("size") or max(h for h, _ in buckets)
+        self.reader = ShardReader(root / "shards", max_open=config.open_shards)
+        self._check_held_out_covers(run.recipe)
+        digest = hashlib.sha256((root / INDEX_FILE).read_bytes()).hexdigest()[:16]
+        captions = ",".join(f"{k}={v}" for k, v in sorted(self.caption_weights.items()))
+        self.fingerprint = f"precomputed:{index['fingerprint']}:index={digest}:captions={captions}"
+        self._held_out: dict[str, torch.Tensor] | None = None
+        self._empty: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.device = run.device
+
+    def _check_held_out_covers(self, recipe: Any) -> None:
+        """Fail at build time when sample grids or evaluation ask for more held-out items than stored."""
+        from prx_core.config import RecipeError
+
+        count = len(self.index["held_out"]["captions"])
+        needs = []
+        if not recipe.sampling.prompts:
+            needs.append(("sampling.num_prompts", recipe.sampling.num_prompts))
+        if recipe.eval.every or recipe.eval.at_end:
+            needs.append(("eval.num_samples", recipe.eval.num_samples))
+        for key, wanted in needs:
+            if wanted > count:
+                raise RecipeError(
+                    f"{key} is {wanted}, but {self.root} stores {count} held-out items; lower it, or precompute "
+                    "with a larger held-out set"
+                )
+
+    # ------------------------------------------------------------------ training batches
+
+    def _gather(self, picks: list[tuple[int, int]], key: str) -> torch.Tensor:
+        """Rows ``(shard number, row)`` of tensor ``key``, in the order given."""
+        import torch
+
+        by_shard: dict[int, list[int]] = {}
+        for position, (shard, _) in enumerate(picks):
+            by_shard.setdefault(shard, []).append(position)
+        out: list[torch.Tensor | None] = [None] * len(picks)
+        for shard, positions in sorted(by_shard.items()):
+            rows = self.reader.rows(self.shards[shard]["file"], key, [picks[p][1] for p in positions])
+            for p, row in zip(positions, rows, strict=True):
+                out[p] = row
+        return torch.stack([t for t in out if t is not None])
+
+    def _pick_keys(self, samples: list[list[Any]], first: int) -> list[str]:
+        """One caption key per sample, by weight among the keys that sample has."""
+        from prx_core.data.captions import pick_caption_keys
+        from prx_core.seeding import generator_for
+
+        generator = generator_for(self.seed, "captions", first)
+        if all(set(self.caption_weights) <= set(s[6]) for s in samples):
+            return pick_caption_keys(self.caption_weights, len(samples), generator)
+        keys = []
+        for sample in samples:
+            weights = {k: w for k, w in self.caption_weights.items() if k in sample[6]}
+            if sum(weights.values()) <= 0:
+                raise ValueError(
+                    f"sample {sample[0]} ({sample[1]}) has none of the weighted caption keys "
+                    f"{sorted(self.caption_weights)} (it has {sorted(sample[6])})"
+                )
+            keys.extend(pick_caption_keys(weights, 1, generator))
+        return keys
+
+    def batch(self, request: BatchRequest) -> RawBatch:
+        import torch
+
+        from prx_core.data.order import batch_indices
+        from prx_core.slots import RawBatch
+
+        positions = batch_indices(request, self.bucket_ids, self.seed)
+        samples = [self.samples[p] for p in positions]
+        picks = [(int(s[4]), int(s[5])) for s in samples]
+        keys = self._pick_keys(samples, request.first_sample())
+        latents = self._gather(picks, "latents")
+        std = self._gather(picks, "latent_std") if self.mode == "sample" else None
+        text_rows: list[torch.Tensor | None] = [None] * len(samples)
+        mask_rows: list[torch.Tensor | None] = [None] * len(samples)
+        for key in sorted(set(keys)):
+            positions_k = [i for i, k in enumerate(keys) if k == key]
+            sub = [picks[i] for i in positions_k]
+            states, masks = self._gather(sub, f"text.{key}"), self._gather(sub, f"mask.{key}")
+            for i, s, m in zip(positions_k, states, masks, strict=True):
+                text_rows[i], mask_rows[i] = s, m
+        shard_features = [set(self.shards[p[0]].get("features", [])) for p in picks]
+        common = set.intersection(*shard_features) if shard_features else set()
+        features = {name: self._gather(picks, f"features.{name}") for name in sorted(common)}
+        return RawBatch(
+            images_BCHW=None,
+            captions=[s[6][k] for s, k in zip(samples, keys, strict=True)],
+            latents_BCHW=latents,
+            latent_std_BCHW=std,
+            text_BLD=torch.stack([t for t in text_rows if t is not None]),
+            mask_BL=torch.stack([m for m in mask_rows if m is not None]),
+            features=features,
+            sample_ids=[int(s[0]) for s in samples],
+        )
+
+    # ------------------------------------------------------------------ held-out set and empty prompt
+
+    def _held(self) -> dict[str, torch.Tensor]:
+        if self._held_out is None:
+            from prx_core.shards import HELD_OUT_FILE, read_tensors
+
+            self._held_out = read_tensors(self.root / HELD_OUT_FILE)
+        return self._held_out
+
+    def held_out_captions(self, n: int) -> list[str]:
+        captions: list[str] = self.index["held_out"]["captions"]
+        return captions[:n]
+
+    def held_out(self, start: int, n: int) -> RawBatch:
+        from prx_core.slots import RawBatch
+
+        captions: list[str] = self.index["held_out"]["captions"]
+        if start < 0 or start + n > len(captions):
+            raise ValueError(
+                f"held-out items {start}..{start + n - 1} requested, but {self.root} stores {len(captions)}; "
+                "lower eval.num_samples (or precompute a larger held-out set)"
+            )
+        import torch
+
+        held = self._held()
+        items = range(start, start + n)
+        shapes = {tuple(held[f"images.{i}"].shape) for i in items}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"held-out items {start}..{start + n - 1} have different sizes {sorted(shapes)}; ask for one"
+            )
+        return RawBatch(
+            images_BCHW=torch.stack([held[f"images.{i}"] for i in items]).float() / 255.0,
+            captions=captions[start : start + n],
+            latents_BCHW=torch.stack([held[f"latents.{i}"] for i in items]),
+            text_BLD=torch.stack([held[f"text.{i}"] for i in items]),
+            mask_BL=torch.stack([held[f"mask.{i}"] for i in items]),
+            sample_ids=[int(i) for i in self.index["held_out"]["ids"][start : start + n]],
+        )
+
+    def empty_text(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._empty is None:
+            from prx_core.shards import EMPTY_FILE, read_tensors
+
+            stored = read_tensors(self.root / EMPTY_FILE)
+            self._empty = (stored["text"].to(self.device), stored["mask"].to(self.device))
+        return self._empty
+
+
+def _build(config: PrecomputedConfig, run: Any) -> PrecomputedSource:
+    return PrecomputedSource(config, run)
+
+
+@hookimpl
+def prx_register_data_sources(registry: Any) -> None:
+    registry.register("precomputed", _build, PrecomputedConfig)
