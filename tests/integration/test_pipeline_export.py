@@ -11,6 +11,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from prx_core.testing.autoencoders import save_tiny_kl_vae  # noqa: E402
 from prx_core.testing.fixtures import write_recipe  # noqa: E402
 
 from .test_cli import prx_run  # noqa: E402
@@ -22,18 +23,7 @@ MAX_LENGTH = 12
 
 def _save_tiny_vae(root: Path) -> Path:
     """A tiny random AutoencoderKL (2x compression, 3 latent channels), as the flux_vae tests build it."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=3,
-        norm_num_groups=4,
-    )
-    vae.save_pretrained(root / "vae")
+    save_tiny_kl_vae(root / "vae")
     return root
 
 

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import torch
 
+from prx_core.testing.autoencoders import save_tiny_kl_vae  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from prx_core.commands.precompute import Options, PrecomputeError, precompute  # noqa: E402
@@ -142,20 +144,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random AutoencoderKL (3 channels at 2x), saved as flux_vae loads it."""
-    from diffusers import AutoencoderKL
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            latent_channels=3,
-            norm_num_groups=4,
-        )
     root = tmp_path_factory.mktemp("flux_vae")
-    vae.save_pretrained(root / "vae")
+    save_tiny_kl_vae(root / "vae")
     return root
 
 

@@ -10,7 +10,8 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+
+from prx_core.testing.autoencoders import save_tiny_kl_vae  # noqa: E402
 
 #: What the tiny checkpoint's config.json states, standing in for REPA-E's own fitted values.
 SCALE, SHIFT = 0.5, 0.25
@@ -19,21 +20,8 @@ SCALE, SHIFT = 0.5, 0.25
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """3 latent channels at 2x (so the tiny recipe's model fits), scale and shift in its config."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(1)
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=3,
-        norm_num_groups=4,
-        scaling_factor=SCALE,
-        shift_factor=SHIFT,
-    )
     root = tmp_path_factory.mktemp("repa_e_vae")
-    vae.save_pretrained(root)
+    save_tiny_kl_vae(root, seed=1, scaling_factor=SCALE, shift_factor=SHIFT)
     return root
 
 
