@@ -47,7 +47,9 @@ def init_from_env(device_type: str) -> DistEnv:
         return DistEnv()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
+        # On GPUs, NCCL for device tensors and gloo for the few CPU ones (e.g. the stop flag that
+        # all ranks agree on): with "nccl" alone a CPU tensor has no backend to reduce it.
+        backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)

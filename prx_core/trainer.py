@@ -59,6 +59,7 @@ logger = logging.getLogger("prx")
 #: Recipe keys that may change between a checkpoint and its resume without --allow-drift.
 DRIFT_EXEMPT = (
     "train.steps",
+    "train.compile",  # the same maths, compiled or not
     "train.log_every",
     "train.sample_every",
     "train.checkpoint_every",
@@ -552,7 +553,8 @@ class Trainer:
         """
         run = self.run
         trainable = run.require("trainable")
-        trainable.train()
+        if not trainable.training:  # walking ~300 modules every step is measurable host time
+            trainable.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_total = torch.zeros((), device=run.device)
         term_totals: dict[str, torch.Tensor] = {}
@@ -637,7 +639,7 @@ class Trainer:
         text_BLD = torch.where(drop_B[:, None, None], empty_states.to(text_BLD.dtype), text_BLD)
         mask_BL = torch.where(drop_B[:, None], empty_mask, mask_BL)
         t_B = objective.sample_timesteps(batch, generator, run.device)
-        noise_BCHW = torch.randn(x0_BCHW.shape, generator=generator, dtype=x0_BCHW.dtype).to(run.device)
+        noise_BCHW = self._noise(x0_BCHW, generator, step, micro)
         x_t_BCHW = interpolate(x0_BCHW, noise_BCHW, t_B)
         stash = Stash()
         ctx = StepContext(
@@ -665,6 +667,20 @@ class Trainer:
             terms = self._loss_terms(ctx)
         total = loss + sum((t.weight * t.value.float() for t in terms), torch.zeros((), device=run.device))
         return total, {t.name: t.value.detach().float() for t in terms}
+
+    def _noise(self, x0_BCHW: torch.Tensor, generator: torch.Generator, step: int, micro: int) -> torch.Tensor:
+        """The step's ε, keyed by (seed, step, micro-step, rank) whatever the device.
+
+        On a GPU it is drawn there, from a device generator with its own key: drawn on the CPU, it
+        would be copied from pageable memory every step, a copy that stalls the host behind the
+        stream (at pixel 1024 that is hundreds of MB per step). On the CPU the step generator draws
+        it, so CPU runs keep their numbers.
+        """
+        run = self.run
+        if run.device.type == "cuda":
+            device_generator = generator_for(self.recipe.seed, "noise", step, micro, run.rank, device=run.device)
+            return torch.randn(x0_BCHW.shape, generator=device_generator, dtype=x0_BCHW.dtype, device=run.device)
+        return torch.randn(x0_BCHW.shape, generator=generator, dtype=x0_BCHW.dtype).to(run.device)
 
     def _loss_terms(self, ctx: StepContext) -> list[LossTerm]:
         terms: dict[str, LossTerm] = {}

@@ -18,9 +18,12 @@ from prx_core.denoiser import COMPILE_BACKEND_ENV
 from prx_core.testing.fixtures import make_trainer, parameters_vector, run_steps, tiny_recipe
 
 
-def _pair(tmp_path: Path, steps: int = 2) -> tuple[list[float], list[float], object, object]:
-    eager = make_trainer(tiny_recipe(tmp_path / "e"), tmp_path / "eager")
-    compiled = make_trainer(tiny_recipe(tmp_path / "c", {"train": {"compile": "blocks"}}), tmp_path / "compiled")
+def _pair(
+    tmp_path: Path, steps: int = 2, train: dict[str, object] | None = None
+) -> tuple[list[float], list[float], object, object]:
+    eager = make_trainer(tiny_recipe(tmp_path / "e", {"train": dict(train or {})}), tmp_path / "eager")
+    patch = {"train": {**(train or {}), "compile": "blocks"}}
+    compiled = make_trainer(tiny_recipe(tmp_path / "c", patch), tmp_path / "compiled")
     return run_steps(eager, steps), run_steps(compiled, steps), eager, compiled
 
 
@@ -37,6 +40,15 @@ def test_compiled_blocks_match_eager_and_keep_parameter_names(tmp_path: Path, mo
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-5, abs=1e-7)
     assert torch.allclose(parameters_vector(compiled), parameters_vector(eager), rtol=1e-5, atol=1e-6)  # type: ignore[arg-type]
     assert compiled_losses[0] != compiled_losses[1]  # it did train
+
+
+def test_compiled_blocks_under_activation_checkpointing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpointed block loop calls the compiled block twice (forward, then recompute)."""
+    monkeypatch.setenv(COMPILE_BACKEND_ENV, "aot_eager")
+    torch._dynamo.reset()
+    eager_losses, compiled_losses, eager, compiled = _pair(tmp_path, train={"activation_checkpointing": True})
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5, abs=1e-7)
+    assert torch.allclose(parameters_vector(compiled), parameters_vector(eager), rtol=1e-5, atol=1e-6)  # type: ignore[arg-type]
 
 
 def test_compiled_run_fits_counts_flops_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
