@@ -73,22 +73,7 @@ class StateDtypeAdamW(Optimizer):
         fp32 moments of bf16 weights to bf16 on every resume; here they keep ``state_dtype`` and
         only move to the parameter's device, so a resume is exact.
         """
-        saved_state = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
-        by_id: dict[Any, torch.Tensor] = {}
-        for saved_group, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
-            by_id.update(zip(saved_group["params"], group["params"], strict=True))
-        for param_id, values in saved_state.items():
-            if param_id not in by_id:
-                raise ValueError(f"optimizer state for unknown parameter index {param_id}")
-            param = by_id[param_id]
-            restored: dict[str, Any] = {}
-            for key, value in values.items():
-                if isinstance(value, torch.Tensor):
-                    dtype = self.state_dtype if value.is_floating_point() else value.dtype
-                    value = value.to(device=param.device, dtype=dtype)
-                restored[key] = value
-            self.state[param] = restored
+        load_state_keeping_dtype(self, state_dict, self.state_dtype)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -146,3 +131,30 @@ class StateDtypeAdamW(Optimizer):
         del denom
         # The one rounding into the storage dtype (round to nearest even).
         torch._foreach_copy_(stored, weights)
+
+
+def load_state_keeping_dtype(
+    optimizer: torch.optim.Optimizer, state_dict: dict[str, Any], state_dtype: torch.dtype | None
+) -> None:
+    """``optimizer.load_state_dict`` without torch's cast of floating-point state to the parameter dtype.
+
+    That cast would round fp32 moments of bf16 weights to bf16 on every resume. Floating-point
+    state takes ``state_dtype`` (None: its saved dtype) and only moves to its parameter's device,
+    so a resume is exact. Shared by every optimizer that keeps state in another dtype than its weights.
+    """
+    saved_state = state_dict["state"]
+    torch.optim.Optimizer.load_state_dict(optimizer, {**state_dict, "state": {}})
+    by_id: dict[Any, torch.Tensor] = {}
+    for saved_group, group in zip(state_dict["param_groups"], optimizer.param_groups, strict=True):
+        by_id.update(zip(saved_group["params"], group["params"], strict=True))
+    for param_id, values in saved_state.items():
+        if param_id not in by_id:
+            raise ValueError(f"optimizer state for unknown parameter index {param_id}")
+        param = by_id[param_id]
+        restored: dict[str, Any] = {}
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                dtype = state_dtype if value.is_floating_point() and state_dtype is not None else value.dtype
+                value = value.to(device=param.device, dtype=dtype)
+            restored[key] = value
+        optimizer.state[param] = restored

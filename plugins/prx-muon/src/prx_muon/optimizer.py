@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
+from prx_core.optim import load_state_keeping_dtype
 from prx_muon.newton_schulz import NS_COEFFICIENTS, NS_EPS, newton_schulz, update_scale
 
 try:
@@ -154,24 +155,7 @@ class MuonAdamW(Optimizer):
         fp32 moments of bf16 weights to bf16 on every resume. Here state keeps its saved dtype
         (``state_dtype``) and only moves to the parameter's device, so resume is exact.
         """
-        saved_state = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
-        by_id: dict[Any, torch.Tensor] = {}
-        for saved_group, group in zip(state_dict["param_groups"], self.param_groups, strict=True):
-            by_id.update(zip(saved_group["params"], group["params"], strict=True))
-        for param_id, values in saved_state.items():
-            if param_id not in by_id:
-                raise ValueError(f"optimizer state for unknown parameter index {param_id}")
-            param = by_id[param_id]
-            restored: dict[str, Any] = {}
-            for key, value in values.items():
-                if isinstance(value, torch.Tensor):
-                    dtype = value.dtype
-                    if value.is_floating_point() and self.state_dtype is not None:
-                        dtype = self.state_dtype
-                    value = value.to(device=param.device, dtype=dtype)
-                restored[key] = value
-            self.state[param] = restored
+        load_state_keeping_dtype(self, state_dict, self.state_dtype)
 
     # ------------------------------------------------------------------ step
 
