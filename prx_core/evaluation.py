@@ -62,6 +62,8 @@ def validation_loss(trainer: Trainer, indices: list[int]) -> dict[str, float]:
     data = run.require("data")
     sums = torch.zeros(ev.t_bins, dtype=torch.float64)
     count = 0
+    # The weights samples and metrics use: the EMA copy when EMA is on (SPEC §4).
+    modules = trainer.sampling_modules()
     for start in range(0, len(indices), ev.batch):
         chunk = indices[start : start + ev.batch]
         # Held-out items may carry their encodings (precomputed data): the towers then stay unloaded.
@@ -75,9 +77,9 @@ def validation_loss(trainer: Trainer, indices: list[int]) -> dict[str, float]:
             t_B = torch.full((len(chunk),), (b + 0.5) / ev.t_bins, device=run.device)
             x_t = interpolate(x0, noise, t_B)
             stash = Stash()
-            ctx = ForwardContext(stash=stash, generator=None, training=False, extras=run.require("trainable").extras)
+            ctx = ForwardContext(stash=stash, generator=None, training=False, extras=modules.extras)
             with precision.autocast(run.device):
-                prediction = trainer.forward_module(x_t, t_B, text, mask, ctx)
+                prediction = trainer.predict(modules, x_t, t_B, text, mask, ctx)
             step = StepContext(
                 run=run,
                 step=trainer.step,
@@ -107,6 +109,22 @@ def validation_loss(trainer: Trainer, indices: list[int]) -> dict[str, float]:
     return out
 
 
+def metric_objects(trainer: Trainer) -> dict[str, Any]:
+    """The recipe's metrics, built once per run (Inception, CLIP and DINO are not reloaded every
+    evaluation). The trainer calls this at setup when evaluation is on, so missing metric weights
+    fail the run at start, not at its first evaluation hours later."""
+    run = trainer.run
+    registry = run.recipe.active.registries["metric"]
+
+    def build(name: str, config: Any) -> Callable[[], Any]:
+        return lambda: registry.get(name).factory(config, run)
+
+    return {
+        name: run.plugin_state(f"metric:{name}", build(name, choice.config))
+        for name, choice in sorted(trainer.recipe.metrics.items())
+    }
+
+
 def evaluate(trainer: Trainer) -> dict[str, float]:
     run, recipe = trainer.run, trainer.recipe
     ev = recipe.eval
@@ -115,16 +133,7 @@ def evaluate(trainer: Trainer) -> dict[str, float]:
     was_training = run.require("trainable").training
     run.require("trainable").eval()
     results = validation_loss(trainer, mine)
-    registry = run.recipe.active.registries["metric"]
-
-    def build(name: str, config: Any) -> Callable[[], Any]:
-        return lambda: registry.get(name).factory(config, run)
-
-    # Built once per run: feature networks (Inception, CLIP, DINO) are not reloaded every evaluation.
-    metrics = {
-        name: run.plugin_state(f"metric:{name}", build(name, choice.config))
-        for name, choice in sorted(recipe.metrics.items())
-    }
+    metrics = metric_objects(trainer)
     if metrics:
         data = run.require("data")
         size = trainer.sample_size()

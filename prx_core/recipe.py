@@ -313,16 +313,28 @@ def deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Inside a slot table: the keys it inherited from a parent table that named another entry.
+INHERITED = "__inherited__"
+
+
 def merge_recipe(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    """:func:`deep_merge`, except that a slot table naming a different entry (``use``) replaces the
-    parent's table instead of merging into it: the old entry's settings mean nothing to the new one
-    (``[data] use = "precomputed"`` must not inherit ``image_folder``'s ``root``)."""
+    """:func:`deep_merge`, aware that a slot table may switch entries.
+
+    When ``top`` names another entry for a slot (``[optimizer] use = "muon"`` over an AdamW
+    parent), the keys inherited from the parent's table are recorded under :data:`INHERITED`;
+    binding keeps those the new entry's config has (``lr``) and drops the others (AdamW's
+    ``betas``), while keys written for the new entry stay strictly checked.
+    """
     merged = deep_merge(base, top)
     for slot in RECIPE_SLOTS:
         new, old = top.get(slot), base.get(slot)
-        if isinstance(new, Mapping) and isinstance(old, Mapping) and "use" in new:
-            if new["use"] != old.get("use", SLOT_DEFAULTS[slot]):
-                merged[slot] = dict(new)
+        if not (isinstance(new, Mapping) and isinstance(old, Mapping)):
+            continue
+        if "use" in new and new["use"] != old.get("use", SLOT_DEFAULTS[slot]):
+            inherited = sorted(k for k in old if k not in new and k not in ("use", INHERITED))
+            merged[slot] = {**merged[slot], INHERITED: inherited}
+        elif INHERITED in old:
+            merged[slot] = {**merged[slot], INHERITED: [k for k in old[INHERITED] if k not in new]}
     return merged
 
 
@@ -481,6 +493,12 @@ def _check_stage_tables(raw: RawRecipe, value: Any) -> list[dict[str, Any]]:
 def _stage_data(base: dict[str, Any], table: Mapping[str, Any], raw: RawRecipe, index: int) -> dict[str, Any]:
     overlay = {k: v for k, v in table.items() if k not in STAGE_KEYS}
     data = merge_recipe(base, overlay)
+    # --set overrides win over stage tables, so one override scales every stage down; a stage's
+    # ``remove`` still wins over them (``--set plugins.repa.weights=…`` must not revive REPA).
+    for text in raw.overrides:
+        parts, value = parse_override(text)
+        if parts[0] != "stages":
+            data = _set_path(data, parts, value)
     for dotted in table.get("remove", []):
         parts = dotted.split(".")
         parent: Any = data
@@ -493,11 +511,6 @@ def _stage_data(base: dict[str, Any], table: Mapping[str, Any], raw: RawRecipe, 
             )
         parent = _copy_path(data, parts[:-1])
         del parent[parts[-1]]
-    # --set overrides win over stage tables, so one override scales every stage down.
-    for text in raw.overrides:
-        parts, value = parse_override(text)
-        if parts[0] != "stages":
-            data = _set_path(data, parts, value)
     return data
 
 
@@ -558,7 +571,11 @@ def _validate_single(raw: RawRecipe) -> Recipe:
     slots: dict[str, SlotChoice] = {}
     for slot, use in choices.items():
         entry = active.registries[slot].get(use, where=raw.where(f"{slot}.use"))
-        table = {k: v for k, v in _table(raw, slot).items() if k != "use"}
+        table = {k: v for k, v in _table(raw, slot).items() if k not in ("use", INHERITED)}
+        inherited = set(_table(raw, slot).get(INHERITED, []))
+        if inherited:
+            known = set(config_fields(entry.config)) if entry.config is not None else set()
+            table = {k: v for k, v in table.items() if k not in inherited - known}
         slots[slot] = SlotChoice(use, bind(entry.config, table, prefix=slot, where=raw.where), entry.plugin)
 
     metrics: dict[str, SlotChoice] = {}

@@ -156,7 +156,18 @@ def build_slot(recipe: Recipe, run: RunContext, slot: str) -> Any:
     """The recipe's entry for ``slot``, built by its factory (also used by ``prx-run precompute``)."""
     choice = recipe.slots[slot]
     entry = recipe.active.registries[slot].get(choice.use)
-    return entry.factory(choice.config, run)
+    with setup_errors(f"cannot build {slot} '{choice.use}'"):
+        return entry.factory(choice.config, run)
+
+
+@contextmanager
+def setup_errors(what: str) -> Iterator[None]:
+    """Missing weights, files or packages while a run is built become one clear :class:`TrainingError`
+    (``prx-run`` prints its message instead of a traceback); the original stays chained."""
+    try:
+        yield
+    except (OSError, ImportError, ValueError) as err:
+        raise TrainingError(f"{what}: {err}") from err
 
 
 def provides_encodings(data: Any) -> bool:
@@ -315,8 +326,9 @@ class Trainer:
         torch.manual_seed(recipe.seed)  # model init draws from the global generator
         model = build_model(recipe.model, run.text_encoder.dim, run.precision.param_dtype)
         run.trainable = TrainableModules(model)
-        self.pm.hook.prx_configure(run=run)
-        extras = self._build_extra_modules()
+        with setup_errors("a plugin failed to set up (prx_configure / prx_build_modules)"):
+            self.pm.hook.prx_configure(run=run)
+            extras = self._build_extra_modules()
         # Device only: dtypes are the policy's business, and the guard below must see any deviation.
         run.trainable = TrainableModules(model, extras).to(device=device)
         # The optimizer is built after sharding, so FSDP2 hands it the sharded parameters.
@@ -336,7 +348,13 @@ class Trainer:
             recipe.train.global_batch, recipe.train.micro_batch, run.world_size
         )
         self.empty_prompt = cast("EncodingsSource", run.data).empty_text() if towers_lazy else run.text_encoder.empty()
-        self.pm.hook.prx_before_training(run=run)
+        with setup_errors("a plugin failed before training (prx_before_training)"):
+            self.pm.hook.prx_before_training(run=run)
+        if recipe.metrics and (recipe.eval.every or recipe.eval.at_end):
+            from prx_core.evaluation import metric_objects
+
+            with setup_errors("cannot build the evaluation metrics"):
+                metric_objects(self)
         if start_from is not None:
             self._load(start_from)
         else:
@@ -344,6 +362,9 @@ class Trainer:
                 self._continue_stage(*self.continue_from)
             if self.dist.is_main:
                 write_run_files(self.run_dir, recipe, self.command)
+                # A fresh start (e.g. --resume auto where no checkpoint was ever committed) must not
+                # append to the metrics of the attempt that left nothing to resume from.
+                truncate_metrics(self.run_dir / METRICS_FILE, self.step)
         run.precision.check(run.trainable, self.optimizer, "after resume" if start_from else "at start")
         n_params = sum(p.numel() for p in run.trainable.parameters())
         logger.info(
@@ -736,24 +757,36 @@ class Trainer:
         cond = (states.to(noise_BCHW.dtype), mask)
         uncond = (self.empty_prompt[0].to(noise_BCHW.dtype), self.empty_prompt[1])
         ctx = ForwardContext(stash=Stash(), generator=None, training=False, extras=modules.extras)
-        seams = run.conditioning_seams()
-
-        trained = modules is run.trainable
 
         def velocity(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
             ctx.stash.clear()
             with run.require("precision").autocast(run.device):
-                if trained:
-                    # Through the (unwrapped) forward module: FSDP2's root hooks gather the
-                    # embedders; DDP's wrapper is bypassed, since only rank 0 samples under DDP.
-                    out = self.forward_module(x, t, s, m, ctx)
-                else:
-                    out = denoise(modules.model, x, t, s, m, ctx, router=run.router, conditioning=seams)
+                out = self.predict(modules, x, t, s, m, ctx)
             return objective.velocity(out.float(), x, t)
 
         x0 = euler_sample(velocity, noise_BCHW, cond, uncond, steps, cfg, objective.shift, self.guidance())
         modules.train(was_training)
         return latent.decode(x0).float().clamp(0, 1).cpu()
+
+    def predict(
+        self,
+        modules: TrainableModules,
+        x_t_BCHW: torch.Tensor,
+        t_B: torch.Tensor,
+        text_BLD: torch.Tensor,
+        mask_BL: torch.Tensor,
+        ctx: ForwardContext,
+    ) -> torch.Tensor:
+        """An evaluation forward of ``modules`` (the trained ones or the sampling copy, e.g. EMA)."""
+        run = self.run
+        if modules is run.trainable:
+            # Through the (unwrapped) forward module: FSDP2's root hooks gather the embedders;
+            # DDP's wrapper is bypassed, since evaluation forwards need no gradient sync.
+            return self.forward_module(x_t_BCHW, t_B, text_BLD, mask_BL, ctx)
+        conditioning = run.conditioning_seams()
+        return denoise(
+            modules.model, x_t_BCHW, t_B, text_BLD, mask_BL, ctx, router=run.router, conditioning=conditioning
+        )
 
     def sample_size(self) -> int:
         """Image side for sample grids and evaluation: the data config's ``size``, else the data

@@ -79,15 +79,31 @@ def test_override_index_out_of_range_is_clear(tmp_path: Path) -> None:
         load(write_recipe(tmp_path, TWO_STAGES), ["stages.5.steps=1"])
 
 
-def test_a_slot_that_changes_entry_does_not_inherit_the_old_settings(tmp_path: Path) -> None:
-    parent = write_recipe(tmp_path, {"optimizer": {"use": "adamw", "lr": 1e-3, "betas": [0.9, 0.95]}}, "parent.toml")
+def test_a_slot_that_switches_entry_keeps_only_the_settings_the_new_entry_has(tmp_path: Path) -> None:
+    parent = write_recipe(
+        tmp_path, {"optimizer": {"use": "adamw", "lr": 3e-3, "betas": [0.8, 0.9]}, "precision": {"use": "fp32"}}
+    )
     child = tmp_path / "child.toml"
-    child.write_text(f'extends = "{parent.name}"\n[precision]\nuse = "bf16_mixed"\n[optimizer]\nlr = 2e-3\n')
-    recipe = load(child)
-    assert recipe.slot_config("optimizer").lr == 2e-3 and tuple(recipe.slot_config("optimizer").betas) == (0.9, 0.95)
-    # Same entry: merged. Another entry: replaced (synthetic_shapes' max_shapes would be unknown to it).
-    swapped = tmp_path / "swapped.toml"
-    swapped.write_text(f'extends = "{parent.name}"\n[precision]\nuse = "bf16_weights"\n')
-    assert load(swapped).slots["precision"].use == "bf16_weights"
-    data_parent = write_recipe(tmp_path, {"data": {"use": "synthetic_shapes", "max_shapes": 2}}, "data_parent.toml")
-    assert load(data_parent, ["data.use=synthetic_shapes"]).slot_config("data").max_shapes == 2
+    child.write_text(f'extends = "{parent.name}"\n[optimizer]\nlr = 2e-3\n')
+    same = load(child).slot_config("optimizer")
+    assert same.lr == 2e-3 and tuple(same.betas) == (0.8, 0.9)  # same entry: merged
+    # Another entry: the fields it shares (lr) carry over; the others (AdamW's betas) are dropped.
+    child.write_text(f'extends = "{parent.name}"\n[precision]\nuse = "bf16_weights"\n')
+    assert load(child).slots["precision"].use == "bf16_weights"
+    child.write_text(f'extends = "{parent.name}"\n[optimizer]\nuse = "muon"\n')
+    muon = load(child)
+    assert muon.slots["optimizer"].use == "muon" and muon.slot_config("optimizer").lr == 3e-3
+    assert "betas" not in muon.resolved()["optimizer"] or tuple(muon.resolved()["optimizer"]["betas"]) != (0.8, 0.9)
+    # A key written for the new entry is still checked strictly.
+    child.write_text(f'extends = "{parent.name}"\n[optimizer]\nuse = "muon"\nbetaz = 1\n')
+    with pytest.raises(RecipeError, match="betaz"):
+        load(child)
+    # The same through --set, and through a stage table.
+    assert load(parent, ["optimizer.use=muon"]).slot_config("optimizer").lr == 3e-3
+
+
+def test_a_stage_remove_wins_over_a_set_override(tmp_path: Path) -> None:
+    recipe = load(write_recipe(tmp_path, TWO_STAGES), ["plugins.contrastive_fm.weight=0.1"])
+    first, second = recipe.stages
+    assert first.recipe.plugins["contrastive_fm"].weight == 0.1
+    assert "contrastive_fm" not in second.recipe.plugins

@@ -247,3 +247,21 @@ def test_generate_with_moving_average_equals_loading_it(tmp_path: Path) -> None:
         averaged.generate(prompts, steps=2, cfg=2.0, seed=1, size=16),
         plain.generate(prompts, steps=2, cfg=2.0, seed=1, size=16),
     )
+
+
+def test_validation_loss_is_measured_on_the_ema_weights(tmp_path: Path) -> None:
+    """SPEC §4: metrics use the EMA weights when EMA is on, the validation loss included."""
+    from prx_core.evaluation import validation_loss
+
+    recipe = tiny_recipe(tmp_path, {"plugins": {"ema": {"decay": 0.5, "every": 1}}})
+    trainer = make_trainer(recipe, tmp_path / "run")
+    run_steps(trainer, 3)
+    trainable = trainer.run.require("trainable")
+    ema = trainer.sampling_modules()
+    assert ema is not trainable
+    trainable.eval()
+    with_ema = validation_loss(trainer, [0, 1, 2, 3])
+    # Independent check: put the EMA weights into the trained modules and measure those.
+    trainable.load_state_dict(ema.state_dict())
+    trainer.sampling_modules = lambda: trainable  # type: ignore[method-assign]
+    assert validation_loss(trainer, [0, 1, 2, 3])["eval/loss"] == pytest.approx(with_ema["eval/loss"], rel=1e-6)
