@@ -164,9 +164,13 @@ def build_slot(recipe: Recipe, run: RunContext, slot: str) -> Any:
 def setup_errors(what: str) -> Iterator[None]:
     """Missing weights, files or packages while a run is built become one clear :class:`TrainingError`
     (``prx-run`` prints its message instead of a traceback); the original stays chained."""
+    from prx_core.weights import WeightsError
+
     try:
         yield
-    except (OSError, ImportError, ValueError) as err:
+    except RecipeError:
+        raise  # already names the recipe key; prx-run prints it as it is
+    except (OSError, ImportError, ValueError, WeightsError) as err:
         raise TrainingError(f"{what}: {err}") from err
 
 

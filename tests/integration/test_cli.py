@@ -213,3 +213,25 @@ def test_throughput_is_logged_with_counted_flops(tmp_path: Path) -> None:
     for key in ("images_per_s", "batches_per_s", "tflops_per_s_per_device", "mfu", "peak_mem_gb"):
         assert last[key] > 0, key
     assert last["mfu"] == pytest.approx(last["tflops_per_s_per_device"] / 0.5)
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        (
+            {"latent_space": {"use": "flux_vae", "path": "/nonexistent/vae", "channels": 3, "spatial_compression": 2}},
+            "prx-run: cannot build latent_space 'flux_vae'",
+        ),
+        (
+            {"eval": {"at_end": True}, "metrics": {"fid": {"inception_weights": "/nonexistent/inception.pth"}}},
+            "prx-run: cannot build the evaluation metrics",
+        ),
+    ],
+    ids=["missing-autoencoder", "missing-metric-weights"],
+)
+def test_missing_weights_fail_at_start_in_one_line(tmp_path: Path, patch: dict, message: str) -> None:
+    recipe = write_recipe(tmp_path, patch)
+    result = prx_run(str(recipe), "--run-dir", "run", cwd=tmp_path, check=False)
+    assert result.returncode == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # before the first step

@@ -23,6 +23,7 @@ from prx_core.recipe import load  # noqa: E402
 from prx_core.slots import BatchRequest  # noqa: E402
 from prx_core.testing.fixtures import make_trainer, run_steps  # noqa: E402
 from prx_core.testing.image_data import read_manifest, tiny_recipe_with_data, write_image_folder  # noqa: E402
+from prx_core.trainer import TrainingError
 
 #: Index-time outcomes of the generated corruptions (read from headers, so excluded up front).
 INDEX_REASONS = {"zero_byte": 1, "undecodable": 1, "tiny": 1, "huge": 2}
@@ -214,8 +215,9 @@ def test_too_much_bad_data_stops_training(tmp_path: Path) -> None:
 
 
 def test_recipe_checks_at_build(folder: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="eval.num_samples needs 4 held-out items"):
+    # A plugin's ValueError at build time reaches prx-run as one line: "cannot build data '…': …".
+    with pytest.raises(TrainingError, match="cannot build data 'image_folder': .*eval.num_samples needs 4 held-out"):
         make_trainer(_recipe(tmp_path / "a", folder, held_out=2), tmp_path / "a" / "run")
     # 128 px passes the recipe's size check with patch 64, but the 96-px sides of its buckets do not.
-    with pytest.raises(ValueError, match="bucket sizes .*96.* not divisible by the latent compression"):
+    with pytest.raises(TrainingError, match="bucket sizes .*96.* not divisible by the latent compression"):
         make_trainer(_recipe(tmp_path / "b", folder, patch=64, size=128), tmp_path / "b" / "run")
