@@ -19,7 +19,7 @@ checkpoint. ``timm`` is imported lazily so importing this module stays cheap.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -286,6 +286,36 @@ def visible_targets(targets_BNE: torch.Tensor, plan: RoutePlan | None, layer: in
     if plan.full_length != targets_BNE.shape[1]:
         raise ValueError(f"route plan covers {plan.full_length} tokens but the targets have {targets_BNE.shape[1]}")
     return gather_tokens(targets_BNE, plan.visible_idx_BK)
+
+
+def image_token_grid(run: Any, images_BCHW: torch.Tensor, label: str) -> tuple[int, int]:
+    """The denoiser's token grid for these images (one token per latent compression × patch pixels)."""
+    stride = run.require("latent_space").spatial_compression * run.recipe.model.patch_size
+    height, width = images_BCHW.shape[-2:]
+    if height % stride or width % stride:
+        raise ValueError(f"{label}: images of {height}x{width} do not cut into {stride}-px tokens")
+    return height // stride, width // stride
+
+
+def alignment_targets(
+    label: str,
+    stored_BNE: torch.Tensor | None,
+    online_BKE: Callable[[], torch.Tensor] | None,
+    grid_hw: tuple[int, int],
+    plan: RoutePlan | None,
+    layer: int,
+) -> torch.Tensor:
+    """Teacher targets for block ``layer``'s tokens: from precomputed ones (``prx-run precompute``
+    stored them over the full grid) when the batch has them, else computed online by ``online_BKE``
+    (None when there is no teacher or no image to run it on)."""
+    if stored_BNE is not None:
+        return visible_targets(stored_BNE.detach(), plan, layer)
+    if online_BKE is None:
+        raise RuntimeError(
+            f"{label}: this batch has no images and no precomputed teacher targets for a {grid_hw[0]}x{grid_hw[1]} "
+            "token grid; precompute with --features and the same encoder and patch size"
+        )
+    return online_BKE()
 
 
 def mean_cosine_similarity(a_BKE: torch.Tensor, b_BKE: torch.Tensor) -> torch.Tensor:

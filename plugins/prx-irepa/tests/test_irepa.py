@@ -326,7 +326,7 @@ def test_loss_from_precomputed_features_equals_the_online_loss(kind: str, weight
     (online,) = prx_irepa.prx_loss_terms(_step(run, images, x0, stash))
     (stored,) = prx_irepa.prx_loss_terms(_step(run, None, x0, stash, precomputed=features))
     assert torch.equal(stored.value, online.value)
-    with pytest.raises(RuntimeError, match="no images and no precomputed targets"):
+    with pytest.raises(RuntimeError, match="no images and no precomputed teacher targets"):
         prx_irepa.prx_loss_terms(_step(run, None, x0, stash))
 
 

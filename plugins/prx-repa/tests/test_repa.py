@@ -303,7 +303,7 @@ def test_loss_from_precomputed_features_equals_the_online_loss(weights: Path, tm
     # As training from shards sees it: no pixels, the stored targets (as the trainer hands them over).
     (stored,) = prx_repa.prx_loss_terms(_step(run, None, x0, stash, precomputed=features))
     assert torch.equal(stored.value, online.value)
-    with pytest.raises(RuntimeError, match="no images and no precomputed teacher tokens for a 4x4"):
+    with pytest.raises(RuntimeError, match="no images and no precomputed teacher targets for a 4x4"):
         prx_repa.prx_loss_terms(
             _step(
                 run, None, x0, stash, precomputed={"repa:dinov2_vitl14_reg:8x8": features["repa:dinov2_vitl14_reg:4x4"]}

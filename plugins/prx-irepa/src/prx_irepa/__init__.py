@@ -161,14 +161,11 @@ def prx_precompute_features(run: RunContext, images_BCHW: torch.Tensor) -> dict[
     """The spatially normalised teacher tokens over the full token grid (before any route plan)."""
     import torch
 
+    from prx_core.vision import image_token_grid
     from prx_irepa.alignment import feature_key, spatial_normalise
 
     config: IrepaConfig = run.plugin_config(INFO.name)
-    stride = run.require("latent_space").spatial_compression * run.recipe.model.patch_size
-    height, width = images_BCHW.shape[-2:]
-    if height % stride or width % stride:
-        raise ValueError(f"irepa: images of {height}x{width} do not cut into {stride}-px tokens")
-    grid_hw = (height // stride, width // stride)
+    grid_hw = image_token_grid(run, images_BCHW, "irepa")
     with torch.no_grad():
         targets_BNE = spatial_normalise(loaded_teacher(run).patch_tokens(images_BCHW, grid_hw))
     return {feature_key(config.encoder, grid_hw): targets_BNE}

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 
-from prx_core.vision import mean_cosine_similarity, route_covers, token_grid, visible_targets
+from prx_core.vision import alignment_targets, mean_cosine_similarity, route_covers, token_grid, visible_targets
 
 if TYPE_CHECKING:
     from prx_core.keys import RoutePlan
@@ -132,15 +133,10 @@ def irepa_loss(
             'token grid; use projector = "attention" or align a block outside the routed span'
         )
     grid_hw = token_grid(x0_BCHW, patch_size)
-    if precomputed_BNE is not None:
-        targets_BKE = visible_targets(precomputed_BNE.detach(), plan, layer)
-    elif teacher is None or images_BCHW is None:
-        raise RuntimeError(
-            "irepa: this batch has no images and no precomputed targets for a "
-            f"{grid_hw[0]}x{grid_hw[1]} token grid; precompute with --features and the same encoder and patch size"
-        )
-    else:
-        targets_BKE = irepa_targets(teacher, images_BCHW, grid_hw, plan, layer)
+    online = None
+    if teacher is not None and images_BCHW is not None:
+        online = partial(irepa_targets, teacher, images_BCHW, grid_hw, plan, layer)
+    targets_BKE = alignment_targets("irepa", precomputed_BNE, online, grid_hw, plan, layer)
     if targets_BKE.shape[:2] != tokens_BKH.shape[:2]:
         raise RuntimeError(
             f"irepa: block {layer} has tokens of shape {tuple(tokens_BKH.shape)} but the teacher gives targets "

@@ -126,14 +126,11 @@ def prx_precompute_features(run: RunContext, images_BCHW: torch.Tensor) -> dict[
     """The teacher's patch tokens on the denoiser's token grid, as the loss would compute them."""
     import torch
 
+    from prx_core.vision import image_token_grid
     from prx_repa.alignment import feature_key
 
     config: RepaConfig = run.plugin_config(INFO.name)
-    stride = run.require("latent_space").spatial_compression * run.recipe.model.patch_size
-    height, width = images_BCHW.shape[-2:]
-    if height % stride or width % stride:
-        raise ValueError(f"repa: images of {height}x{width} do not cut into {stride}-px tokens")
-    grid_hw = (height // stride, width // stride)
+    grid_hw = image_token_grid(run, images_BCHW, "repa")
     with torch.no_grad():
         tokens_BNE = loaded_teacher(run).patch_tokens(images_BCHW, grid_hw)
     return {feature_key(config.encoder, grid_hw): tokens_BNE}
