@@ -551,10 +551,16 @@ class Trainer:
         stats = getattr(self.run.require("data"), "stats", None)
         local = dict(stats()) if stats is not None else {}
         local.update(self.run.require("text_encoder").stats())
-        if not local or not self.dist.active:
+        if not self.dist.active:
             return local
-        keys = sorted(local)
-        values = torch.tensor([local[k] for k in keys], dtype=torch.float64, device=self.run.device)
+        # Ranks meet different bad files, so their counters can differ in keys (or be empty): agree
+        # on the union first, or the all-reduce would pair tensors of different lengths.
+        key_sets: list[Any] = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(key_sets, sorted(local))
+        keys = sorted({k for ks in key_sets for k in ks})
+        if not keys:
+            return {}
+        values = torch.tensor([local.get(k, 0.0) for k in keys], dtype=torch.float64, device=self.run.device)
         summed = mean_across_ranks(self.dist, values) * self.dist.world_size
         return {
             k: float(v) / (self.dist.world_size if "ratio" in k else 1)
