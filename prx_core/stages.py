@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,10 @@ def _last_checkpoint(directory: Path) -> CheckpointInfo | None:
 
 
 def _write_index(run_dir: Path, recipe: Recipe, current: int) -> None:
+    # Rank 0 writes, as it writes everything in the run directory; the process group does not exist
+    # yet between stages (each trainer joins it), so the launcher's RANK says who that is.
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     entries = [
         {
             "index": s.index,

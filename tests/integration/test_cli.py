@@ -18,10 +18,18 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def prx_run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def prx_run(
+    *args: str, cwd: Path, check: bool = True, nproc: int = 1, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``prx-run ARGS`` as a subprocess; with ``nproc`` > 1, under ``torchrun --nproc_per_node nproc``
+    (gloo on the CPU, one thread per rank so the ranks do not oversubscribe the cores)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    launcher = [sys.executable, "-m"]
+    if nproc > 1:
+        env["OMP_NUM_THREADS"] = "1"
+        launcher += ["torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m"]
     result = subprocess.run(
-        [sys.executable, "-m", "prx_core.cli", *args],
+        [*launcher, "prx_core.cli", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

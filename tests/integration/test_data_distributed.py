@@ -4,32 +4,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from prx_core.testing.image_data import read_manifest, tiny_recipe_with_data, write_image_folder
 
+from .test_cli import prx_run
+
 pytestmark = pytest.mark.integration
-
-
-def _torchrun(recipe: Path, cwd: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run(
-        [*command, "-m", "prx_core.cli", str(recipe), "--run-dir", "run", *extra],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if result.returncode != 0:
-        raise AssertionError(f"torchrun failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return result
 
 
 def test_two_ranks_train_through_bad_files_and_resume_exactly(tmp_path: Path) -> None:
@@ -45,7 +28,7 @@ def test_two_ranks_train_through_bad_files_and_resume_exactly(tmp_path: Path) ->
     }
     patch = {"train": {"steps": 4, "global_batch": 4, "checkpoint_every": 2, "log_every": 1}}
     recipe = tiny_recipe_with_data(tmp_path / "recipe", data, patch)
-    _torchrun(recipe, tmp_path)
+    prx_run(str(recipe), "--run-dir", "run", cwd=tmp_path, nproc=2)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "loss" in x]
     assert [x["step"] for x in steps] == [1, 2, 3, 4]
@@ -60,6 +43,6 @@ def test_two_ranks_train_through_bad_files_and_resume_exactly(tmp_path: Path) ->
     import shutil
 
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000004")
-    _torchrun(recipe, tmp_path, "--resume", "auto")
+    prx_run(str(recipe), "--run-dir", "run", "--resume", "auto", cwd=tmp_path, nproc=2)
     again = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["loss"] for x in again if "loss" in x] == first

@@ -40,34 +40,12 @@ def test_two_ranks_train_in_sync_and_resume_bitwise(strategy: str, tmp_path: Pat
 
 def test_torchrun_launch_of_prx_run(tmp_path: Path) -> None:
     """The real launcher: `torchrun --nproc_per_node 2 -m prx_core.cli RECIPE` trains with gloo DDP."""
-    import subprocess
-    import sys
-
     from prx_core.testing.fixtures import write_recipe
 
+    from .test_cli import prx_run
+
     recipe = write_recipe(tmp_path, {"train": {"steps": 2, "checkpoint_every": 2}})
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "prx_core.cli",
-            str(recipe),
-            "--run-dir",
-            "run",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = prx_run(str(recipe), "--run-dir", "run", cwd=tmp_path, nproc=2)
     assert result.stdout.count("finished step 2") == 1  # rank 0 reports, rank 1 stays quiet
     assert "2 process(es) (ddp)" in result.stderr
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")] == ["step_00000002"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,8 @@ from prx_core.config import RecipeError  # noqa: E402
 from prx_core.recipe import Recipe, deep_merge, dump_toml, load  # noqa: E402
 from prx_core.shards import read_index  # noqa: E402
 from prx_core.testing.fixtures import TINY_RECIPE, make_trainer, run_steps  # noqa: E402
+
+from .test_cli import prx_run  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -378,7 +379,6 @@ def test_prx_run_precompute_then_train_twenty_steps_from_the_shards(vae_dir: Pat
     }
     source = tiny_recipe(tmp_path / "r", {"latent_space": _latent(vae_dir), "data": data})
     precompute(source, Options(tmp_path / "out", shard_size=16))  # in-process: the CLI path is tested below
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     index = read_index(tmp_path / "out")
     skipped = sum(1 for item in read_manifest(root)["items"].values() if str(item["expect"]).startswith("skipped/"))
     assert len(index["samples"]) == 60 - 4 - skipped
@@ -386,15 +386,7 @@ def test_prx_run_precompute_then_train_twenty_steps_from_the_shards(vae_dir: Pat
     assert index["caption_keys"] == ["long", "short"] and index["held_out"]["count"] == 4
     # The recipe precompute writes next to the shards: the source recipe, training from them.
     steps = ["--set", "train.steps=20", "--set", "train.checkpoint_every=20", "--set", "train.log_every=5"]
-    result = subprocess.run(
-        [sys.executable, "-m", "prx_core.cli", "out/train.toml", "--run-dir", "run", *steps],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = prx_run("out/train.toml", "--run-dir", "run", *steps, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert "finished step 20" in result.stdout
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == [5, 10, 15, 20]
@@ -404,30 +396,9 @@ def test_prx_run_precompute_then_train_twenty_steps_from_the_shards(vae_dir: Pat
 
 def test_two_processes_precompute_the_same_samples_as_one(site: Path, vae_dir: Path, tmp_path: Path) -> None:
     source = write_recipe(tmp_path / "r", _source_patch(vae_dir))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "prx_core.cli",
-            "precompute",
-            str(source),
-            "--out",
-            "out2",
-            "--shard-size",
-            "4",
-        ],
-        cwd=tmp_path,
-        env=_env(site),
-        capture_output=True,
-        text=True,
-        timeout=240,
+    result = prx_run(
+        "precompute", str(source), "--out", "out2", "--shard-size", "4", cwd=tmp_path, nproc=2, env=_env(site)
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("samples in") == 1  # rank 0 reports
     two = read_index(tmp_path / "out2")
     one = precompute(tiny_recipe(tmp_path / "r1", _source_patch(vae_dir)), Options(tmp_path / "out1", shard_size=4))

@@ -88,27 +88,13 @@ def test_a_fresh_start_refuses_an_existing_staged_run(tmp_path: Path) -> None:
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 def test_stages_under_two_gloo_ranks(tmp_path: Path, parallel: str) -> None:
     """Stage 2 starts from stage 1 on 2 ranks too (FSDP2 gathers fresh tensors collectively)."""
-    import os
-    import subprocess
-    import sys
-
     staged = {
         "train": {"checkpoint_every": 10, "log_every": 1, "parallel": parallel},
         "router": {"use": "sprint", "start": 0, "end": 1, "ratio": 0.5},
         "stages": [{"name": "a", "steps": 2}, {"name": "b", "steps": 2, "remove": ["router"], "data": {"size": 32}}],
     }
     recipe = write_recipe(tmp_path, staged)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run(
-        [*command, "-m", "prx_core.cli", str(recipe), "--run-dir", "run"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    prx_run(str(recipe), "--run-dir", "run", cwd=tmp_path, nproc=2)
     second = tmp_path / "run" / "stages" / "2-b"
     assert [line["step"] for line in training_lines(second)] == [3, 4]
     assert "stage starts at step 2" in (second / "train.log").read_text()
