@@ -84,3 +84,34 @@ def reverse_plugin_order(recipe: Recipe) -> None:
         manager.unregister(plugin)
     for name, plugin in sorted(plugins, key=lambda item: -order[item[0]]):
         manager.register(plugin, name=name)
+
+
+def step_context(
+    run: Any,
+    x0_BCHW: torch.Tensor,
+    images_BCHW: torch.Tensor | None,
+    stash: Any,
+    generator: torch.Generator | None = None,
+    **extra: Any,
+) -> Any:
+    """A :class:`~prx_core.context.StepContext` at t = 0.5 with zero noise and 4 dummy text tokens
+    (384-d), for calling a plugin's loss hook directly on chosen images and latents."""
+    from prx_core.context import StepContext
+
+    zeros = torch.zeros_like(x0_BCHW)
+    batch = x0_BCHW.shape[0]
+    return StepContext(
+        run=run,
+        step=0,
+        micro_step=0,
+        images_BCHW=images_BCHW,
+        x0_BCHW=x0_BCHW,
+        noise_BCHW=zeros,
+        t_B=torch.full((batch,), 0.5),
+        x_t_BCHW=zeros,
+        text_BLD=torch.zeros(batch, 4, 384),
+        mask_BL=torch.ones(batch, 4, dtype=torch.bool),
+        stash=stash,
+        generator=generator if generator is not None else torch.Generator().manual_seed(0),
+        **extra,
+    )

@@ -28,7 +28,7 @@ from prx_irepa.alignment import (  # noqa: E402
 from prx_core.config import RecipeError, bind  # noqa: E402
 from prx_core.context import StepContext  # noqa: E402
 from prx_core.keys import CAPTURED_FEATURES, ROUTE_PLAN, RoutePlan, Stash  # noqa: E402
-from prx_core.testing.fixtures import make_trainer, tiny_recipe  # noqa: E402
+from prx_core.testing.fixtures import make_trainer, step_context, tiny_recipe  # noqa: E402
 from prx_core.trainer import Trainer  # noqa: E402
 from prx_core.vision import FrozenEncoder, load_frozen_encoder, write_random_weights  # noqa: E402
 
@@ -246,21 +246,7 @@ def test_hook_refuses_a_conv_projector_on_a_routed_layer(weights: Path, tmp_path
     stash = Stash()
     stash[CAPTURED_FEATURES] = {1: torch.randn(2, 4, 32)}
     stash[ROUTE_PLAN] = RoutePlan(visible_idx_BK=torch.tensor([[0, 1, 2, 3]] * 2), full_length=16, start=0, end=2)
-    zeros = torch.zeros_like(images)
-    step = StepContext(
-        run=trainer.run,
-        step=0,
-        micro_step=0,
-        images_BCHW=images,
-        x0_BCHW=zeros,
-        noise_BCHW=zeros,
-        t_B=torch.full((2,), 0.5),
-        x_t_BCHW=zeros,
-        text_BLD=torch.zeros(2, 4, 384),
-        mask_BL=torch.ones(2, 4, dtype=torch.bool),
-        stash=stash,
-        generator=torch.Generator(),
-    )
+    step = step_context(trainer.run, torch.zeros_like(images), images, stash, generator=torch.Generator())
     with pytest.raises(RoutingUnsupportedError, match="conv projector needs the full token grid"):
         prx_irepa.prx_loss_terms(step)
 
@@ -284,23 +270,8 @@ def test_one_step_under_bf16_mixed(kind: str, weights: Path, tmp_path: Path) -> 
 # --------------------------------------------------------------------------- precomputed targets
 
 
-def _step(run: Any, images: torch.Tensor | None, x0: torch.Tensor, stash: Stash, **extra: Any) -> StepContext:
-    zeros = torch.zeros_like(x0)
-    return StepContext(
-        run=run,
-        step=0,
-        micro_step=0,
-        images_BCHW=images,
-        x0_BCHW=x0,
-        noise_BCHW=zeros,
-        t_B=torch.full((x0.shape[0],), 0.5),
-        x_t_BCHW=zeros,
-        text_BLD=torch.zeros(x0.shape[0], 4, 384),
-        mask_BL=torch.ones(x0.shape[0], 4, dtype=torch.bool),
-        stash=stash,
-        generator=torch.Generator().manual_seed(0),
-        **extra,
-    )
+def _step(run: Any, images: torch.Tensor | None, x0: torch.Tensor, stash: Stash, **extra: Any) -> Any:
+    return step_context(run, x0, images, stash, **extra)
 
 
 @pytest.mark.parametrize("kind", ["conv", "attention"])

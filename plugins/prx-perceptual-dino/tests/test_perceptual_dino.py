@@ -18,11 +18,11 @@ from prx_perceptual_dino.loss import perceptual_dino_loss  # noqa: E402
 
 from prx_core.builtins.pixel import PixelSpace  # noqa: E402
 from prx_core.config import RecipeError, bind  # noqa: E402
-from prx_core.context import RunContext, StepContext  # noqa: E402
+from prx_core.context import RunContext  # noqa: E402
 from prx_core.keys import X0_PREDICTION, Stash  # noqa: E402
 from prx_core.precision import Fp32  # noqa: E402
 from prx_core.recipe import load  # noqa: E402
-from prx_core.testing.fixtures import tiny_recipe, write_recipe  # noqa: E402
+from prx_core.testing.fixtures import step_context, tiny_recipe, write_recipe  # noqa: E402
 from prx_core.vision import FrozenEncoder, load_frozen_encoder, write_random_weights  # noqa: E402
 
 TINY_ENCODER = {"embed_dim": 32, "depth": 1, "num_heads": 2}
@@ -155,21 +155,7 @@ def test_hook_reads_x0_prediction_and_decodes_pixel_latents(weights: Path, tmp_p
     x0_hat = torch.tanh(head(torch.randn(2, 3, 16, 16, generator=g)))  # pixel latents in (−1, 1)
     stash = Stash()
     stash[X0_PREDICTION] = x0_hat
-    zeros = torch.zeros_like(x0)
-    step = StepContext(
-        run=run,
-        step=0,
-        micro_step=0,
-        images_BCHW=images,
-        x0_BCHW=x0,
-        noise_BCHW=zeros,
-        t_B=torch.full((2,), 0.5),
-        x_t_BCHW=zeros,
-        text_BLD=torch.zeros(2, 4, 384),
-        mask_BL=torch.ones(2, 4, dtype=torch.bool),
-        stash=stash,
-        generator=g,
-    )
+    step = step_context(run, x0, images, stash, generator=g)
     (term,) = prx_perceptual_dino.prx_loss_terms(step)
     assert (term.name, term.weight) == ("perceptual_dino", 0.25)
     expected = _independent(encoder, ((x0_hat + 1) / 2).detach(), images, 224)

@@ -18,7 +18,7 @@ from prx_repa.alignment import build_projector, repa_loss, repa_targets  # noqa:
 from prx_core.config import RecipeError, bind  # noqa: E402
 from prx_core.context import StepContext  # noqa: E402
 from prx_core.keys import CAPTURED_FEATURES, ROUTE_PLAN, RoutePlan, Stash  # noqa: E402
-from prx_core.testing.fixtures import make_trainer, run_steps, tiny_recipe  # noqa: E402
+from prx_core.testing.fixtures import make_trainer, run_steps, step_context, tiny_recipe  # noqa: E402
 from prx_core.trainer import Trainer  # noqa: E402
 from prx_core.vision import FrozenEncoder, load_frozen_encoder, write_random_weights  # noqa: E402
 
@@ -218,21 +218,7 @@ def test_route_plan_in_the_stash_selects_visible_targets(weights: Path, tmp_path
     stash = Stash()
     stash[CAPTURED_FEATURES] = {1: tokens}
     stash[ROUTE_PLAN] = RoutePlan(visible_idx_BK=idx, full_length=16, start=1, end=2)
-    zeros = torch.zeros_like(x0)
-    step = StepContext(
-        run=run,
-        step=0,
-        micro_step=0,
-        images_BCHW=images,
-        x0_BCHW=x0,
-        noise_BCHW=zeros,
-        t_B=torch.full((2,), 0.5),
-        x_t_BCHW=zeros,
-        text_BLD=torch.zeros(2, 4, 384),
-        mask_BL=torch.ones(2, 4, dtype=torch.bool),
-        stash=stash,
-        generator=g,
-    )
+    step = step_context(run, x0, images, stash, generator=g)
     (term,) = prx_repa.prx_loss_terms(step)
     teacher = prx_repa.loaded_teacher(run)
     with torch.no_grad():
@@ -263,23 +249,8 @@ def test_dinov3_teacher_under_bf16_mixed(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- precomputed targets
 
 
-def _step(run: Any, images: torch.Tensor | None, x0: torch.Tensor, stash: Stash, **extra: Any) -> StepContext:
-    zeros = torch.zeros_like(x0)
-    return StepContext(
-        run=run,
-        step=0,
-        micro_step=0,
-        images_BCHW=images,
-        x0_BCHW=x0,
-        noise_BCHW=zeros,
-        t_B=torch.full((x0.shape[0],), 0.5),
-        x_t_BCHW=zeros,
-        text_BLD=torch.zeros(x0.shape[0], 4, 384),
-        mask_BL=torch.ones(x0.shape[0], 4, dtype=torch.bool),
-        stash=stash,
-        generator=torch.Generator().manual_seed(0),
-        **extra,
-    )
+def _step(run: Any, images: torch.Tensor | None, x0: torch.Tensor, stash: Stash, **extra: Any) -> Any:
+    return step_context(run, x0, images, stash, **extra)
 
 
 @pytest.mark.parametrize("routed", [False, True])
