@@ -342,3 +342,21 @@ def tiny_recipe_with_data(directory: str | Path, data: dict[str, Any], patch: di
     path = directory / "recipe.toml"
     path.write_text(dump_toml(merged), encoding="utf-8")
     return path
+
+
+def train_recording_shapes(trainer: Any, steps: int) -> tuple[list[float], list[tuple[int, ...]]]:
+    """Train ``steps`` steps and return the losses and the image shape of every batch the data
+    source produced (wrapped on the instance only: the source's class is untouched)."""
+    from prx_core.testing.fixtures import run_steps
+
+    source = trainer.run.require("data")
+    shapes: list[tuple[int, ...]] = []
+    real_batch = source.batch
+
+    def recording(request: Any) -> Any:
+        batch = real_batch(request)
+        shapes.append(tuple(batch.images_BCHW.shape))
+        return batch
+
+    source.batch = recording
+    return run_steps(trainer, steps), shapes

@@ -28,7 +28,7 @@ from prx_core.data.indexed import DataQualityError  # noqa: E402
 from prx_core.recipe import load  # noqa: E402
 from prx_core.slots import BatchRequest  # noqa: E402
 from prx_core.testing.fixtures import make_trainer, run_steps  # noqa: E402
-from prx_core.testing.image_data import read_manifest, tiny_recipe_with_data, write_webdataset  # noqa: E402
+from prx_core.testing.image_data import read_manifest, tiny_recipe_with_data, train_recording_shapes, write_webdataset  # noqa: E402
 
 #: Index-time outcomes of the generated corruptions, plus the one sample without an image.
 INDEX_REASONS = {"zero_byte": 1, "undecodable": 1, "tiny": 1, "huge": 2, "no_image": 1}
@@ -231,16 +231,7 @@ def _recipe(tmp_path: Path, shards: list[Path], **data: Any) -> Any:
 def test_trains_the_tiny_recipe_on_shards_with_bad_samples(shards: list[Path], tmp_path: Path) -> None:
     trainer = make_trainer(_recipe(tmp_path, shards), tmp_path / "run")
     source = trainer.run.require("data")
-    shapes: list[tuple[int, ...]] = []
-    real_batch = source.batch
-
-    def recording(req: BatchRequest) -> Any:
-        batch = real_batch(req)
-        shapes.append(tuple(batch.images_BCHW.shape))
-        return batch
-
-    source.batch = recording  # an instance attribute: the class is untouched
-    losses = run_steps(trainer, 4)
+    losses, shapes = train_recording_shapes(trainer, 4)
     assert len(losses) == 4
     assert len(shapes) == 4 and all(s[0] == 4 and s[2:] in source.buckets.sizes for s in shapes)
     for reason, count in INDEX_REASONS.items():
