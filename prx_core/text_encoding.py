@@ -69,7 +69,6 @@ class PaddedTextEncoder:
         if not prompts:
             states_0LD = torch.zeros(0, self.max_length, self.dim, dtype=self.model.dtype, device=self.device)
             return states_0LD, torch.zeros(0, self.max_length, dtype=torch.bool, device=self.device)
-        self._count_truncated(list(prompts))
         # Right padding whatever the tokenizer's default (Gemma's pads left): real tokens then keep
         # positions 0..n-1 as in an unpadded forward, whatever the amount of padding.
         batch = self.tokenizer(
@@ -80,6 +79,11 @@ class PaddedTextEncoder:
             padding_side="right",
             return_tensors="pt",
         )
+        # Only a prompt that fills every position can have been cut: re-tokenise just those.
+        lengths = batch["attention_mask"].sum(1).tolist()
+        full = [p for p, n in zip(prompts, lengths, strict=True) if n == self.max_length]
+        if full:
+            self._count_truncated(full)
         ids_BL = batch["input_ids"].to(self.device)
         mask_BL = batch["attention_mask"].to(self.device).bool()
         states_BLD = self.model(input_ids=ids_BL, attention_mask=mask_BL, **self.forward_kwargs).last_hidden_state
