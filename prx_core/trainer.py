@@ -354,11 +354,6 @@ class Trainer:
         self.empty_prompt = cast("EncodingsSource", run.data).empty_text() if towers_lazy else run.text_encoder.empty()
         with setup_errors("a plugin failed before training (prx_before_training)"):
             self.pm.hook.prx_before_training(run=run)
-        if recipe.metrics and (recipe.eval.every or recipe.eval.at_end):
-            from prx_core.evaluation import metric_objects
-
-            with setup_errors("cannot build the evaluation metrics"):
-                metric_objects(self)
         if start_from is not None:
             self._load(start_from)
         else:
@@ -432,6 +427,13 @@ class Trainer:
     def fit(self) -> FitResult:
         recipe, run, main = self.recipe, self.run, self.dist.is_main
         train = recipe.train
+        if recipe.metrics and (recipe.eval.every or recipe.eval.at_end) and self.step < train.steps:
+            # Before the first step, not at setup (``prx-run sample`` / ``export`` need no metric
+            # networks): missing metric weights fail a run now, not at its first evaluation.
+            from prx_core.evaluation import metric_objects
+
+            with setup_errors("cannot build the evaluation metrics"):
+                metric_objects(self)
         tracker = run.require("tracker")
         if main:
             hparams = {
