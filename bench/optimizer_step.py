@@ -14,8 +14,10 @@ times over ``--steps`` rounds after ``--warmup`` untimed steps.
 Candidates, on the same two parameter sets as the reference setup (SPEC §4: Muon for the 2-D
 block weights, AdamW for the rest):
 
-* ``prx muon (blocks)``       prx_muon.MuonAdamW, Muon group only (batched Newton–Schulz)
-* ``prx muon, unbatched NS``  the same, but Newton–Schulz one matrix at a time (what batching buys)
+* ``prx muon (blocks)``       prx_muon.MuonAdamW, Muon group only, as a run uses it (``ns_max_batch = "auto"``:
+                              whole same-shape batches on a GPU, one matrix at a time on a CPU)
+* ``prx muon, batched NS``    the same, every same-shape batch in one matmul per term
+* ``prx muon, 1-at-a-time NS``  the same, one matrix per matmul (batched vs this: what batching buys)
 * ``torch.optim.Muon (blocks)`` torch's Muon, one matrix at a time (``match_rms_adamw`` scaling)
 * ``prx muon+adamw (all)``    the whole prx optimizer as a run uses it
 * ``torch Muon + AdamW (all)`` torch.optim.Muon on the blocks plus torch AdamW on the rest
@@ -64,15 +66,9 @@ def make_parameters(
     return named
 
 
-def unbatched(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The same optimizer with Newton–Schulz run one matrix at a time: isolates what batching buys."""
-    from prx_muon.newton_schulz import newton_schulz
-
-    def one_at_a_time(updates_Nmn: torch.Tensor, group: dict) -> torch.Tensor:
-        steps, dtype = group["ns_steps"], optimizer.ns_dtype  # type: ignore[attr-defined]
-        return torch.cat([newton_schulz(u[None], steps, dtype) for u in updates_Nmn.unbind(0)])
-
-    optimizer._newton_schulz = one_at_a_time  # type: ignore[method-assign]
+def with_max_batch(optimizer: torch.optim.Optimizer, max_batch: int | None) -> torch.optim.Optimizer:
+    """The same optimizer with Newton–Schulz batches capped at ``max_batch`` matrices (None: whole groups)."""
+    optimizer.ns_max_batch = max_batch  # type: ignore[attr-defined]
     return optimizer
 
 
@@ -127,10 +123,14 @@ def main() -> None:
 
         return step
 
+    def capped(max_batch: int | None) -> Callable[[], None]:
+        return with_max_batch(build_optimizer(muon_named, config), max_batch).step
+
     has_torch_muon = hasattr(torch.optim, "Muon")
     candidates: list[tuple[str, str, Callable[[], Callable[[], None]]]] = [
         ("prx muon (blocks)", "blocks", lambda: build_optimizer(muon_named, config).step),
-        ("prx muon, unbatched NS (blocks)", "blocks", lambda: unbatched(build_optimizer(muon_named, config)).step),
+        ("prx muon, batched NS (blocks)", "blocks", lambda: capped(None)),
+        ("prx muon, 1-at-a-time NS (blocks)", "blocks", lambda: capped(1)),
     ]
     if has_torch_muon:
         candidates.append(("torch.optim.Muon (blocks)", "blocks", lambda: torch_muon(blocks).step))
@@ -159,13 +159,13 @@ def main() -> None:
     print(f"timing   : {args.clock} clock, {args.steps} interleaved rounds after {args.warmup} warm-up steps")
     print("dtypes   : fp32 weights, grads and state; Newton-Schulz in bf16 (both Muons)")
     print()
-    print(f"{'optimizer':<32} {'params':>8} {'median ms':>10} {'best ms':>9} {'vs torch.optim.Muon':>20}")
+    print(f"{'optimizer':<34} {'params':>8} {'median ms':>10} {'best ms':>9} {'vs torch.optim.Muon':>20}")
     for label, which, _ in candidates:
         median, best = results[label]
         ref = reference[which]
         ratio = f"{ref[0] / median:.2f}x" if ref else "n/a"
         n = count(blocks) if which == "blocks" else count(everything)
-        print(f"{label:<32} {n / 1e6:>7.1f}M {median:>10.1f} {best:>9.1f} {ratio:>20}")
+        print(f"{label:<34} {n / 1e6:>7.1f}M {median:>10.1f} {best:>9.1f} {ratio:>20}")
     print()
     print("ratio: torch.optim.Muon's median time on the same parameter set / this row's (> 1: faster)")
 

@@ -71,6 +71,22 @@ def test_batched_equals_one_matrix_at_a_time() -> None:
         torch.testing.assert_close(together[i], newton_schulz(batch[i : i + 1], 5, torch.float32)[0])
 
 
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+@pytest.mark.parametrize("max_batch", [1, 2, 3, 5, 8])
+def test_capped_batches_equal_the_whole_batch(shape: tuple[int, int], max_batch: int) -> None:
+    # max_batch only changes how many matrices share one matmul (1 on a CPU): same maths.
+    generator = torch.Generator().manual_seed(5)
+    batch = torch.randn(5, *shape, generator=generator)
+    capped = newton_schulz(batch, 5, torch.float32, max_batch=max_batch)
+    assert capped.shape == batch.shape
+    torch.testing.assert_close(capped, newton_schulz(batch, 5, torch.float32))
+
+
+def test_rejects_a_batch_cap_below_one() -> None:
+    with pytest.raises(ValueError, match="max_batch"):
+        newton_schulz(torch.zeros(2, 4, 4), 5, torch.float32, max_batch=0)
+
+
 def test_transpose_commutes() -> None:
     generator = torch.Generator().manual_seed(3)
     G = torch.randn(2, 48, 16, generator=generator)

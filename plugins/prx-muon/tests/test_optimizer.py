@@ -79,9 +79,13 @@ def _set_grads(groups: list[list[torch.Tensor]], step: int) -> None:
 
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
-def test_muon_matches_unbatched_reference(nesterov: bool, ns_dtype: torch.dtype) -> None:
+# "auto" is one matrix per matmul on this CPU; None batches every same-shape group (a GPU's "auto").
+@pytest.mark.parametrize("ns_max_batch", ["auto", None])
+def test_muon_matches_unbatched_reference(nesterov: bool, ns_dtype: torch.dtype, ns_max_batch: str | None) -> None:
     ours, theirs = _params(SHAPES, 0), _params(SHAPES, 0)
-    optimizer = MuonAdamW(ours, [], ns_dtype=ns_dtype, lr=1e-2, nesterov=nesterov, weight_decay=0.1)
+    optimizer = MuonAdamW(
+        ours, [], ns_dtype=ns_dtype, lr=1e-2, nesterov=nesterov, weight_decay=0.1, ns_max_batch=ns_max_batch
+    )
     reference = ReferenceMuon(theirs, lr=1e-2, momentum=0.95, nesterov=nesterov, wd=0.1, dtype=ns_dtype)
     for step in range(3):
         _set_grads([ours, theirs], step)
@@ -216,6 +220,15 @@ def test_empty_muon_group_is_plain_adamw_and_validation() -> None:
         MuonAdamW(_params([(4,)], 0), [], ns_dtype=torch.float32)
     with pytest.raises(ValueError, match="no parameters"):
         MuonAdamW([], [], ns_dtype=torch.float32)
-    for bad in ({"lr": 0.0}, {"momentum": 1.0}, {"ns_steps": 0}, {"ns_dtype": "float16"}, {"adamw_betas": (0.9, 1.0)}):
+    bad_configs = (
+        {"lr": 0.0},
+        {"momentum": 1.0},
+        {"ns_steps": 0},
+        {"ns_dtype": "float16"},
+        {"adamw_betas": (0.9, 1.0)},
+        {"ns_max_batch": 0},
+        {"ns_max_batch": "all"},
+    )
+    for bad in bad_configs:
         with pytest.raises(ValueError):
             MuonConfig(**bad)  # type: ignore[arg-type]

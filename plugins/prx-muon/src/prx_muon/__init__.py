@@ -55,6 +55,9 @@ class MuonConfig:
     exclude_patterns: tuple[str, ...] = ()
     #: Under DDP, split the Newton–Schulz work across ranks (each does 1/world of it).
     split_across_ranks: bool = True
+    #: Matrices per batched Newton–Schulz matmul: ``"auto"`` is every same-shape matrix at once on
+    #: a GPU and one at a time on a CPU (where batching spills the caches and is slower).
+    ns_max_batch: int | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -73,6 +76,8 @@ class MuonConfig:
             raise ValueError(f"adamw_eps must be > 0, got {self.adamw_eps}")
         if self.weight_decay < 0 or self.adamw_weight_decay < 0:
             raise ValueError("weight_decay and adamw_weight_decay must be >= 0")
+        if self.ns_max_batch != "auto" and not (isinstance(self.ns_max_batch, int) and self.ns_max_batch >= 1):
+            raise ValueError(f"ns_max_batch must be 'auto' or an integer >= 1, got {self.ns_max_batch!r}")
 
 
 def build_optimizer(named_parameters: Any, config: MuonConfig, state_dtype: Any = None) -> MuonAdamW:
@@ -103,6 +108,7 @@ def build_optimizer(named_parameters: Any, config: MuonConfig, state_dtype: Any 
         adamw_weight_decay=config.adamw_weight_decay,
         state_dtype=state_dtype,
         split_across_ranks=config.split_across_ranks,
+        ns_max_batch=config.ns_max_batch,
     )
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -73,6 +73,9 @@ class MuonAdamW(Optimizer):
     splits the Newton–Schulz work across ranks when ``torch.distributed`` is initialised and
     the parameters are plain (replicated) tensors; turn it off if ranks hold different
     parameters. ``process_group`` is the group replicated parameters are synchronised over.
+    ``ns_max_batch`` caps how many same-shape matrices one Newton–Schulz matmul covers: ``None``
+    all of them, ``"auto"`` all of them on an accelerator and one at a time on a CPU (faster
+    there: the matrices stay in cache across the iterations).
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class MuonAdamW(Optimizer):
         ns_eps: float = NS_EPS,
         split_across_ranks: bool = True,
         process_group: Any = None,
+        ns_max_batch: int | None | Literal["auto"] = "auto",
     ) -> None:
         muon_list, adamw_list = list(muon_params), list(adamw_params)
         if not muon_list and not adamw_list:
@@ -112,6 +116,8 @@ class MuonAdamW(Optimizer):
             raise ValueError(f"adamw_betas must be in [0, 1), got {adamw_betas}")
         if adamw_eps <= 0 or weight_decay < 0 or adamw_weight_decay < 0:
             raise ValueError("adamw_eps must be > 0 and weight decays >= 0")
+        if ns_max_batch not in ("auto", None) and not (isinstance(ns_max_batch, int) and ns_max_batch >= 1):
+            raise ValueError(f"ns_max_batch must be 'auto', None or an int >= 1, got {ns_max_batch!r}")
         groups: list[dict[str, Any]] = [
             {
                 "params": muon_list,
@@ -141,6 +147,7 @@ class MuonAdamW(Optimizer):
         self.ns_eps = ns_eps
         self.split_across_ranks = split_across_ranks
         self.process_group = process_group
+        self.ns_max_batch = ns_max_batch
 
     # ------------------------------------------------------------------ state
 
@@ -221,7 +228,14 @@ class MuonAdamW(Optimizer):
         return out_Nmn
 
     def _newton_schulz(self, updates_Nmn: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        return newton_schulz(updates_Nmn, group["ns_steps"], self.ns_dtype, self.ns_coefficients, self.ns_eps)
+        max_batch = self.ns_max_batch
+        if max_batch == "auto":
+            # One batched matmul per term is what makes Muon fast on a GPU; on a CPU the batch
+            # of large matrices leaves the caches between iterations (bench/optimizer_step.py).
+            max_batch = 1 if updates_Nmn.device.type == "cpu" else None
+        return newton_schulz(
+            updates_Nmn, group["ns_steps"], self.ns_dtype, self.ns_coefficients, self.ns_eps, max_batch=max_batch
+        )
 
     def _orthogonalise(
         self, params: Sequence[torch.Tensor], updates: Sequence[torch.Tensor], group: dict[str, Any]
@@ -316,10 +330,9 @@ class MuonAdamW(Optimizer):
         ortho_Nmn = self._newton_schulz(torch.stack(full), group)
         mesh, placements = params[0].device_mesh, params[0].placements
         replicated = [Replicate()] * mesh.ndim
-        shards = [
-            DTensor.from_local(o, mesh, replicated, run_check=False).redistribute(mesh, placements).to_local()
-            for o in ortho_Nmn.unbind(0)
-        ]
+        # from_local needs the matrix itself, not the transposed view Newton–Schulz returns.
+        full_results = [DTensor.from_local(o.contiguous(), mesh, replicated, run_check=False) for o in ortho_Nmn]
+        shards = [result.redistribute(mesh, placements).to_local() for result in full_results]
         return torch.stack(shards)
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
