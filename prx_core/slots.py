@@ -6,6 +6,7 @@ structural (``typing.Protocol``), so a plugin never subclasses anything from cor
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -201,6 +202,15 @@ class BatchRequest:
         exactly once whatever the world size, and a resumed run continues where it stopped.
         """
         return ((self.step * self.accumulation + self.micro_step) * self.world_size + self.rank) * self.size
+
+    def following(self) -> BatchRequest:
+        """The request the trainer makes next: the next micro-step, or micro-step 0 of the next step.
+
+        Sources that read ahead (decode the next micro-batch while this one trains) key on it.
+        """
+        if self.micro_step + 1 < self.accumulation:
+            return dataclasses.replace(self, micro_step=self.micro_step + 1)
+        return dataclasses.replace(self, step=self.step + 1, micro_step=0)
 
 
 @dataclass

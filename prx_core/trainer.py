@@ -287,6 +287,8 @@ class Trainer:
         self.stop_requested = False
         self.tracker_failures = 0
         self.nonfinite_skipped = 0
+        #: Seconds this rank spent inside ``data.batch`` since the last log step.
+        self.data_wait_s = 0.0
         self.spikes = SpikeDetector()
         self.step = 0
 
@@ -450,6 +452,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=run.device)
         term_sums: dict[str, torch.Tensor] = {}
         window_steps, window_start = 0, time.perf_counter()
+        self.data_wait_s = 0.0
         last_loss = math.nan
         with self._graceful_stop(), self._metrics_file() as metrics_file:
             while self.step < train.steps:
@@ -477,6 +480,8 @@ class Trainer:
                             for k, v in sorted(term_sums.items())
                         },
                         "batches_per_s": window_steps / elapsed,
+                        # Above a few percent, the data source (not the model) limits the speed.
+                        "data_wait_fraction": self.data_wait_s / elapsed,
                         "peak_mem_gb": peak_memory_gb(run.device),
                         "nonfinite_skipped": float(self.nonfinite_skipped),
                         "loss_spikes": float(self.spikes.count),
@@ -503,6 +508,7 @@ class Trainer:
                     loss_sum.zero_()
                     term_sums.clear()
                     window_steps, window_start = 0, time.perf_counter()
+                    self.data_wait_s = 0.0
                 if train.sample_every and self.step % train.sample_every == 0 and self.step < train.steps:
                     self.write_samples(self.step)
                 if recipe.eval.every and self.step % recipe.eval.every == 0 and self.step < train.steps:
@@ -662,7 +668,9 @@ class Trainer:
             size=self.micro_batch,
             seed=recipe.seed,
         )
+        started = time.perf_counter()
         raw = run.require("data").batch(request)
+        self.data_wait_s += time.perf_counter() - started
         generator = generator_for(recipe.seed, "step", step, micro, run.rank)
         images_BCHW = raw.images_BCHW.to(run.device) if raw.images_BCHW is not None else None
         x0_BCHW, text_BLD, mask_BL = batch_encodings(raw, run, generator)

@@ -17,6 +17,8 @@ same way for every format:
 * **bad data at decode time** (truncated files, items without any caption): the slot gets a
   deterministic substitute from the same bucket (the next item of that bucket's permutation in
   this epoch), so every rank still returns a full batch of one shape;
+* **read-ahead**: while one micro-batch trains, the next one's images decode in the pool
+  (``read_ahead``); only the pure decoding runs ahead, so batches are identical either way;
 * **counting**: every skip, conversion and caption problem is counted by reason in
   :meth:`IndexedSource.stats`; past ``max_skip_ratio`` the source stops with an error naming
   the ratio, the counts and the first bad items, rather than train on a broken dataset.
@@ -38,7 +40,7 @@ import sys
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -193,6 +195,16 @@ def _percent(x: float) -> str:
 Fetched = tuple[Decoded | BadImage, dict[str, str]]
 
 
+@dataclass
+class _ReadAhead:
+    """Decodes of one future micro-batch, submitted to the pool before it is asked for."""
+
+    request: BatchRequest
+    indices: tuple[int, ...]
+    target: tuple[int, int]
+    futures: list[Future[Fetched]]
+
+
 class IndexedSource:
     """Base of the indexed image sources; subclasses index their data and read bytes.
 
@@ -229,6 +241,10 @@ class IndexedSource:
         self._plans: dict[int, OrderPlan] = {}
         self._threads = resolve_threads(config.decode_threads)
         self._pool: ThreadPoolExecutor | None = None
+        #: The next micro-batch's decodes, running in the pool while this one trains (read-ahead).
+        self._ahead: _ReadAhead | None = None
+        #: Micro-batches served from the read-ahead (for tests and bench/data_read_ahead.py).
+        self.read_ahead_hits = 0
 
         self._counts["index/files"] = len(report.items) + len(report.skipped)
         for name, reason in report.skipped:
@@ -308,14 +324,11 @@ class IndexedSource:
 
         from prx_core.slots import RawBatch
 
-        plan = self._plan(request.size)
-        first = request.first_sample()
-        chunk = first // request.size
-        positions = plan.chunk(chunk)
-        keys = pick_caption_keys(self._weights, request.size, generator_for(self.seed, "captions", first))
-        indices = [int(self._train_N[p]) for p in positions]
+        plan, chunk, indices, keys = self._resolve(request)
         target = self.bucket_of(indices[0])
-        fetched = self._fetch_many(indices, target)
+        fetched = self._take_ahead(request, indices, target) or self._fetch_many(indices, target)
+        if self.config.read_ahead:
+            self._read_ahead(request.following())
         images: list[torch.Tensor] = []
         captions: list[str] = []
         sample_ids: list[int] = []
@@ -376,6 +389,60 @@ class IndexedSource:
 
     # ------------------------------------------------------------------ internals
 
+    def _resolve(self, request: BatchRequest) -> tuple[OrderPlan, int, list[int], list[str]]:
+        """The order plan, chunk, item indices and drawn caption keys of ``request`` (pure)."""
+        plan = self._plan(request.size)
+        first = request.first_sample()
+        chunk = first // request.size
+        keys = pick_caption_keys(self._weights, request.size, generator_for(self.seed, "captions", first))
+        return plan, chunk, [int(self._train_N[p]) for p in plan.chunk(chunk)], keys
+
+    def _read_ahead(self, request: BatchRequest) -> None:
+        """Start decoding ``request``'s items in the pool, to be taken by the next :meth:`batch`.
+
+        Only the decoding runs ahead: it is a pure function of (item, bucket), so the batch is
+        the same with or without it. Counting, caption choice and substitutes stay in ``batch``
+        on the calling thread, in request order, so counters and the bad-item memory see the
+        same sequence of events either way.
+        """
+        self._drop_ahead()
+        _, _, indices, _ = self._resolve(request)
+        target = self.bucket_of(indices[0])
+        pool = self._ensure_pool()
+        futures = [pool.submit(self._fetch, index, target) for index in indices]
+        self._ahead = _ReadAhead(request, tuple(indices), target, futures)
+
+    def _take_ahead(self, request: BatchRequest, indices: list[int], target: tuple[int, int]) -> list[Fetched] | None:
+        """The read-ahead decodes when they are for exactly this request; None otherwise."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        if (ahead.request, ahead.indices, ahead.target) != (request, tuple(indices), target):
+            self._ahead = ahead
+            self._drop_ahead()
+            return None
+        fetched = [future.result() for future in ahead.futures]
+        self.read_ahead_hits += 1
+        # An item found bad since its read-ahead started (e.g. no usable caption in an earlier
+        # slot) must read as known-bad, as a decode started now would.
+        return [
+            (BadImage(self._known_bad[index], "known bad"), {}) if index in self._known_bad else result
+            for index, result in zip(indices, fetched, strict=True)
+        ]
+
+    def _drop_ahead(self) -> None:
+        """Forget a read-ahead nobody will take (a different request came): cancel what has not started."""
+        if self._ahead is not None:
+            for future in self._ahead.futures:
+                future.cancel()
+            self._ahead = None
+
+    def _ensure_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix=f"prx-{self.kind}")
+            weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+        return self._pool
+
     def _plan(self, size: int) -> OrderPlan:
         plan = self._plans.get(size)
         if plan is None:
@@ -411,10 +478,7 @@ class IndexedSource:
     def _fetch_many(self, indices: Sequence[int], target_hw: tuple[int, int]) -> list[Fetched]:
         if self._threads <= 1 or len(indices) <= 1:
             return [self._fetch(i, target_hw) for i in indices]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix=f"prx-{self.kind}")
-            weakref.finalize(self, self._pool.shutdown, wait=False)
-        return list(self._pool.map(lambda i: self._fetch(i, target_hw), indices))
+        return list(self._ensure_pool().map(lambda i: self._fetch(i, target_hw), indices))
 
     def _count(self, index: int, fetched: Fetched) -> LoadedItem | None:
         """Count one load attempt; the item, or None when it is bad (then remembered as bad)."""

@@ -40,6 +40,9 @@ class IndexedSourceConfig:
     index_cache: str = "auto"
     #: Threads decoding images in parallel (Pillow releases the GIL); 0: min(8, CPU count).
     decode_threads: int = 0
+    #: Decode the next micro-batch in those threads while the current one trains (one extra
+    #: micro-batch of decoded images in memory); the batches are the same either way.
+    read_ahead: bool = True
     #: None: the recipe's seed, so changing ``seed`` changes the data order (SPEC §7.6).
     seed: int | None = None
 

@@ -221,6 +221,7 @@ def test_throughput_is_logged_with_counted_flops(tmp_path: Path) -> None:
     for key in ("images_per_s", "batches_per_s", "tflops_per_s_per_device", "mfu", "peak_mem_gb"):
         assert last[key] > 0, key
     assert last["mfu"] == pytest.approx(last["tflops_per_s_per_device"] / 0.5)
+    assert 0 < last["data_wait_fraction"] < 1
 
 
 @pytest.mark.parametrize(

@@ -136,7 +136,8 @@ def test_overlong_captions_are_truncated_and_counted() -> None:
 
 def test_truncated_items_get_a_same_bucket_substitute_and_are_decoded_once() -> None:
     special = {"f004": (png(32, 64, 4, truncated=True), {"long": "long 4"})}
-    source = MemorySource(replace(CONFIG, held_out=0), 0, files(**special))
+    # Without read-ahead, so the decode count below is this request's alone.
+    source = MemorySource(replace(CONFIG, held_out=0, read_ahead=False), 0, files(**special))
     bad = next(i for i in range(len(source)) if source.name_of(i) == "f004")
     for step in range(40):
         batch = source.batch(req(step))
@@ -216,6 +217,53 @@ def test_resume_and_threads_give_the_same_batches() -> None:
     threaded = MemorySource(replace(CONFIG, decode_threads=4), 3, files())
     assert [threaded.batch(req(s)).sample_ids for s in range(5, 10)] == expected[5:]
     assert torch.equal(threaded.batch(req(2)).images_BCHW, one.batch(req(2)).images_BCHW)
+
+
+def _accumulating(step: int, micro: int) -> BatchRequest:
+    return BatchRequest(step=step, micro_step=micro, accumulation=2, rank=1, world_size=2, size=3, seed=0)
+
+
+def test_following_request_walks_micro_steps_then_steps() -> None:
+    assert _accumulating(3, 0).following() == _accumulating(3, 1)
+    assert _accumulating(3, 1).following() == _accumulating(4, 0)
+    assert req(7).following() == req(8)
+
+
+def test_read_ahead_gives_the_same_batches_and_counts() -> None:
+    # Bad data of every decode-time kind, so substitutes, the bad-item memory and the counters
+    # are exercised while the next micro-batch decodes in the background.
+    special = {
+        "f004": (png(32, 64, 4, truncated=True), {"long": "long 4"}),
+        "f007": (png(32, 32, 7, truncated=True), {"long": "long 7"}),
+        "f009": (png(32, 32, 9), {}),  # no caption at all
+        "f010": (png(32, 64, 10), {"short": "short only"}),  # falls back to "short"
+    }
+    data = files(30, **special)
+    config = replace(CONFIG, held_out=0, caption_weights={"long": 0.5, "short": 0.5}, max_skip_ratio=1.0)
+    plain = MemorySource(replace(config, read_ahead=False), 4, data)
+    ahead = MemorySource(replace(config, decode_threads=3), 4, data)
+    requests = [_accumulating(step, micro) for step in range(12) for micro in range(2)]
+    for request in requests:
+        expected, got = plain.batch(request), ahead.batch(request)
+        assert got.sample_ids == expected.sample_ids
+        assert got.captions == expected.captions
+        assert got.images_BCHW is not None and expected.images_BCHW is not None
+        assert torch.equal(got.images_BCHW, expected.images_BCHW)
+    assert ahead.stats() == plain.stats()
+    assert plain.stats()["data/skipped/truncated"] >= 2, "the bad items came up"
+    assert ahead.read_ahead_hits == len(requests) - 1, "every request after the first was read ahead"
+    assert plain.read_ahead_hits == 0
+
+
+def test_read_ahead_for_another_request_is_dropped() -> None:
+    source = MemorySource(CONFIG, 2, files())
+    fresh = MemorySource(replace(CONFIG, read_ahead=False), 2, files())
+    source.batch(req(0))  # reads step 1 ahead
+    jumped = source.batch(req(5))  # e.g. a resume elsewhere: the read-ahead is not used
+    assert source.read_ahead_hits == 0
+    assert jumped.sample_ids == fresh.batch(req(5)).sample_ids
+    assert source.batch(req(6)).sample_ids == fresh.batch(req(6)).sample_ids
+    assert source.read_ahead_hits == 1
 
 
 def test_ranks_are_disjoint() -> None:
