@@ -141,7 +141,8 @@ def cmd_train(argv: list[str]) -> int:
         return 2
 
     from prx_core.distributed import shutdown
-    from prx_core.trainer import Trainer, TrainingError
+    from prx_core.errors import TrainingError
+    from prx_core.trainer import Trainer
 
     run_dir = args.run_dir or Path("runs") / recipe.name
     started = time.perf_counter()
@@ -234,8 +235,8 @@ def export_parser() -> argparse.ArgumentParser:
 def cmd_sample(argv: list[str]) -> int:
     args = sample_parser().parse_args(argv)
     _setup_logging(quiet=True)
+    from prx_core.errors import TrainingError
     from prx_core.images import save_grid
-    from prx_core.trainer import TrainingError
 
     try:
         trainer = _open_run(args.run_dir, args.checkpoint)
@@ -264,7 +265,7 @@ def cmd_eval(argv: list[str]) -> int:
     _setup_logging(quiet=True)
     import json
 
-    from prx_core.trainer import TrainingError
+    from prx_core.errors import TrainingError
 
     try:
         trainer = _open_run(args.run_dir, args.checkpoint)
@@ -285,7 +286,7 @@ def cmd_export(argv: list[str]) -> int:
     args = export_parser().parse_args(argv)
     _setup_logging(quiet=True)
     from prx_core.denoiser import export_diffusers
-    from prx_core.trainer import TrainingError
+    from prx_core.errors import TrainingError
 
     try:
         trainer = _open_run(args.run_dir, args.checkpoint)

@@ -55,7 +55,7 @@ def _gather_rows(trainer: Trainer, rows: list[torch.Tensor]) -> torch.Tensor | N
 @torch.no_grad()
 def validation_loss(trainer: Trainer, indices: list[int]) -> dict[str, float]:
     """Objective loss on held-out images at fixed t per bin, fixed noise per item."""
-    from prx_core.trainer import batch_encodings
+    from prx_core.towers import batch_encodings
 
     run, ev = trainer.run, trainer.recipe.eval
     objective, precision = run.require("objective"), run.require("precision")

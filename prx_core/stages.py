@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prx_core.checkpoint import CheckpointInfo, CheckpointManager
+from prx_core.errors import TrainingError
 from prx_core.recipe import Recipe, Stage
 from prx_core.rundir import write_atomic
-from prx_core.trainer import FitResult, Trainer, TrainingError
+from prx_core.trainer import FitResult, Trainer
 
 logger = logging.getLogger("prx.stages")
 

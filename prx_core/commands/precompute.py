@@ -375,7 +375,8 @@ def precompute(recipe: Recipe, options: Options) -> dict[str, Any] | None:
         write_json_atomic,
         write_tensors_atomic,
     )
-    from prx_core.trainer import build_slot, resolve_device
+    from prx_core.towers import build_slot
+    from prx_core.trainer import resolve_device
 
     wanted = resolve_device(recipe.train.device)
     dist = init_from_env(wanted.type)

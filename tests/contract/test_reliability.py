@@ -15,9 +15,10 @@ import torch
 
 from prx_core.checkpoint import CheckpointManager
 from prx_core.config import RecipeError
+from prx_core.errors import TrainingError
 from prx_core.recipe import load
 from prx_core.testing.fixtures import make_trainer, parameters_vector, run_steps, tiny_recipe
-from prx_core.trainer import SpikeDetector, TrainingError
+from prx_core.trainer import SpikeDetector
 
 BAD = sorted((Path(__file__).parents[1] / "fixtures" / "bad_recipes").glob("*.toml"))
 

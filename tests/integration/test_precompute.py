@@ -259,7 +259,7 @@ def test_stored_posterior_is_sampled_like_the_online_encoding(site: Path, vae_di
     from prx_core.data.order import batch_indices
     from prx_core.seeding import generator_for
     from prx_core.slots import BatchRequest
-    from prx_core.trainer import batch_encodings
+    from prx_core.towers import batch_encodings
 
     out = tmp_path / "out"
     precompute(tiny_recipe(tmp_path / "r", _source_patch(vae_dir)), Options(out, dtype="float32"))

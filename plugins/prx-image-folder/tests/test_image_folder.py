@@ -19,11 +19,11 @@ from prx_image_folder import source as source_module  # noqa: E402
 from prx_image_folder.source import ImageFolderSource, list_images, read_sidecar  # noqa: E402
 
 from prx_core.data.indexed import DataQualityError  # noqa: E402
+from prx_core.errors import TrainingError
 from prx_core.recipe import load  # noqa: E402
 from prx_core.slots import BatchRequest  # noqa: E402
 from prx_core.testing.fixtures import make_trainer, run_steps  # noqa: E402
 from prx_core.testing.image_data import read_manifest, tiny_recipe_with_data, train_recording_shapes, write_image_folder  # noqa: E402
-from prx_core.trainer import TrainingError
 
 #: Index-time outcomes of the generated corruptions (read from headers, so excluded up front).
 INDEX_REASONS = {"zero_byte": 1, "undecodable": 1, "tiny": 1, "huge": 2}
