@@ -2,7 +2,8 @@
 
 Layout of an output directory::
 
-    index.json                      # written last, by rank 0: shards, samples, what produced them
+    index.json                      # written last, by rank 0: shards, caption keys, what produced them
+    samples.safetensors             # the sample table: id, shard, row, caption keys present (rank 0)
     precompute.json                 # the settings of the run that writes here (resume must match)
     shards/<rank>-<bucket>-<k>.safetensors
     progress/rank<r>.jsonl          # one line per committed shard of that rank
@@ -12,8 +13,16 @@ Layout of an output directory::
 
 A shard holds rows of one bucket, stacked: ``latents`` [N, C, h, w], optional ``latent_std``,
 ``text.<key>`` [N, L, D] and ``mask.<key>`` [N, L] for every caption key, ``features.<name>`` and
-``ids`` [N] (the source's sample indices). Rows are read lazily through ``safe_open(...).get_slice``,
-so a training rank maps only the rows of its batch, never a whole shard.
+``ids`` [N] (the source's sample indices). Strings travel in the shard too, packed
+(:func:`pack_strings`): ``captions.<key>.utf8`` / ``captions.<key>.offsets`` for every caption
+key (empty where an item lacks it) and ``names.utf8`` / ``names.offsets``. Rows are read lazily
+through ``safe_open(...).get_slice``, so a training rank maps only the rows of its batch, never a
+whole shard, and no process ever holds every caption in memory: at the SPEC's 1M (8.7M for the
+speedrun) long-captioned images, a JSON list of them was gigabytes per rank (format version 1).
+
+The sample table (``samples.safetensors``) is four int64 columns sorted by id, ``ids``,
+``shard`` (into ``index.json``'s shard list), ``row`` and ``caption_keys`` (a bit mask over
+``index.json``'s ``caption_keys``): 32 bytes per sample, read into numpy arrays.
 
 Every file appears under its final name through one ``os.replace`` after its bytes are fsynced;
 a shard is then recorded in its rank's progress log (flushed and fsynced too). A killed run
@@ -25,7 +34,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +46,12 @@ SHARD_DIR = "shards"
 PROGRESS_DIR = "progress"
 HELD_OUT_FILE = "held_out.safetensors"
 EMPTY_FILE = "empty.safetensors"
+SAMPLES_FILE = "samples.safetensors"
 FORMAT = "prx-shards"
-FORMAT_VERSION = 1
+#: 2: strings live in the shards and the sample table in samples.safetensors (1: both in index.json).
+FORMAT_VERSION = 2
+#: The sample table's columns (int64, one row per sample, sorted by id).
+SAMPLE_COLUMNS = ("ids", "shard", "row", "caption_keys")
 
 
 class ShardError(RuntimeError):
@@ -101,6 +114,25 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ShardError(f"{path} is missing; rerun prx-run precompute on this directory to complete it")
     return load_file(str(path))
+
+
+def pack_strings(texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``texts`` as one uint8 tensor of their UTF-8 bytes and int64 offsets [N + 1]: text i is
+    bytes ``offsets[i]:offsets[i + 1]``. Safetensors stores tensors only; this keeps strings
+    row-addressable like every other column of a shard."""
+    encoded = [text.encode("utf-8") for text in texts]
+    offsets = [0]
+    for blob in encoded:
+        offsets.append(offsets[-1] + len(blob))
+    joined = b"".join(encoded)
+    utf8 = torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined else torch.zeros(0, dtype=torch.uint8)
+    return utf8, torch.tensor(offsets, dtype=torch.int64)
+
+
+def key_mask(present: Iterable[str], keys: Sequence[str]) -> int:
+    """Bit ``i`` set when ``keys[i]`` is in ``present`` (caption keys an item has)."""
+    have = set(present)
+    return sum(1 << i for i, key in enumerate(keys) if key in have)
 
 
 class ProgressLog:
@@ -183,6 +215,19 @@ class ShardReader:
     def keys(self, shard: str) -> list[str]:
         return sorted(self._handle(shard).keys())
 
+    def strings(self, shard: str, column: str, rows: Sequence[int]) -> list[str]:
+        """Rows ``rows`` of a packed string column (``captions.<key>``, ``names``): two small
+        slices per row, so a batch reads its own captions and nothing else."""
+        handle = self._handle(shard)
+        if f"{column}.offsets" not in handle.keys():
+            raise ShardError(f"shard {self.root / shard} has no string column '{column}'")
+        offsets, utf8 = handle.get_slice(f"{column}.offsets"), handle.get_slice(f"{column}.utf8")
+        out = []
+        for row in rows:
+            start, stop = (int(v) for v in offsets[row : row + 2])
+            out.append(bytes(utf8[start:stop].numpy()).decode("utf-8") if stop > start else "")
+        return out
+
     def rows(self, shard: str, key: str, rows: Sequence[int]) -> torch.Tensor:
         """Rows ``rows`` (in that order, repeats allowed) of tensor ``key`` in ``shard``."""
         handle = self._handle(shard)
@@ -223,15 +268,17 @@ def read_index(root: Path) -> dict[str, Any]:
     return index
 
 
-def assemble_index(header: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """``index.json`` from the run's header and every rank's shard records.
+def assemble_index(
+    header: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``index.json`` and the sample table from the run's header and every rank's shard records.
 
-    Samples are listed by source id, so the index does not depend on how many ranks wrote it
-    beyond which shard and row hold each sample. Each sample row is
-    ``[id, name, bucket_h, bucket_w, shard_number, row, captions]``.
+    Samples are sorted by source id, so neither depends on how many ranks wrote them beyond
+    which shard and row hold each sample. A record lists its shard's ``ids`` and, per row, the
+    bit mask of the caption keys that item has (``key_masks``, over ``header["caption_keys"]``).
     """
     shards: list[dict[str, Any]] = []
-    samples: list[list[Any]] = []
+    columns: dict[str, list[int]] = {name: [] for name in SAMPLE_COLUMNS}
     skipped: list[int] = []
     for record in sorted(records, key=lambda r: str(r["shard"])):
         skipped.extend(int(i) for i in record.get("skipped", []))
@@ -247,20 +294,41 @@ def assemble_index(header: Mapping[str, Any], records: Sequence[Mapping[str, Any
                 "features": sorted(record.get("features", {})),
             }
         )
-        for row, (sample_id, name, captions) in enumerate(
-            zip(record["ids"], record["names"], record["captions"], strict=True)
-        ):
-            samples.append([int(sample_id), str(name), height, width, number, row, dict(captions)])
-    samples.sort(key=lambda s: s[0])
-    ids = [s[0] for s in samples]
-    if len(set(ids)) != len(ids):
+        for row, (sample_id, mask) in enumerate(zip(record["ids"], record["key_masks"], strict=True)):
+            columns["ids"].append(int(sample_id))
+            columns["shard"].append(number)
+            columns["row"].append(row)
+            columns["caption_keys"].append(int(mask))
+    table = {name: torch.tensor(values, dtype=torch.int64) for name, values in columns.items()}
+    order = torch.argsort(table["ids"], stable=True)
+    table = {name: column[order] for name, column in table.items()}
+    if table["ids"].numel() and bool((table["ids"][1:] == table["ids"][:-1]).any()):
         raise ShardError("two shards hold the same sample id; the progress logs come from different runs")
-    return {
+    index = {
         **header,
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "shards": shards,
-        "samples": samples,
+        "samples": {"file": SAMPLES_FILE, "count": int(table["ids"].numel())},
         "skipped_ids": sorted(skipped),
         "skipped_at_encode": len(skipped),
     }
+    return index, table
+
+
+def read_samples(root: Path, index: Mapping[str, Any]) -> dict[str, Any]:
+    """The sample table as numpy int64 arrays (``SAMPLE_COLUMNS``), checked against ``index``."""
+    import numpy as np
+
+    path = root / SAMPLES_FILE
+    tensors = read_tensors(path)
+    missing = [name for name in SAMPLE_COLUMNS if name not in tensors]
+    if missing:
+        raise ShardError(f"{path} lacks the column(s) {', '.join(missing)}; rerun prx-run precompute")
+    table = {name: np.ascontiguousarray(tensors[name].numpy(), dtype=np.int64) for name in SAMPLE_COLUMNS}
+    count = int(index["samples"]["count"])
+    if any(len(column) != count for column in table.values()):
+        raise ShardError(f"{path} holds {len(table['ids'])} samples, {root / INDEX_FILE} says {count}")
+    if count and int(table["shard"].max()) >= len(index["shards"]):
+        raise ShardError(f"{path} names shards that {root / INDEX_FILE} does not list")
+    return table

@@ -6,9 +6,10 @@ features, but no pixels. The trainer therefore never needs the autoencoder or th
 for a training step; it builds them lazily, for sampling and evaluation only
 (``provides_encodings``).
 
-The sample order is :func:`prx_core.data.order.batch_indices` over the stored per-sample buckets:
+The sample order is an :class:`prx_core.data.order.OrderPlan` over the stored per-sample buckets:
 one bucket per batch, a pure function of (request, seed), so resume is exact and a new seed gives
-a new order. Rows are read lazily from the shards (:class:`prx_core.shards.ShardReader`).
+a new order. The sample table is four numpy columns (``samples.safetensors``); rows, and the
+drawn captions, are read lazily from the shards (:class:`prx_core.shards.ShardReader`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from prx_core.hookspecs import PluginInfo
 if TYPE_CHECKING:
     import torch
 
+    from prx_core.data.order import OrderPlan
     from prx_core.slots import BatchRequest, RawBatch
 
 
@@ -104,9 +106,11 @@ class PrecomputedSource:
         import hashlib
         from pathlib import Path
 
+        import numpy as np
+
         from prx_core.config import RecipeError
         from prx_core.data.captions import validate_caption_weights
-        from prx_core.shards import INDEX_FILE, ShardReader, read_index
+        from prx_core.shards import INDEX_FILE, ShardReader, read_index, read_samples
 
         root = Path(config.path).expanduser()
         index = read_index(root)
@@ -126,14 +130,17 @@ class PrecomputedSource:
             self.caption_weights = validate_caption_weights(weights, available=self.caption_keys)
         except ValueError as err:
             raise RecipeError(f"data.caption_weights: {err} (the keys {root} stores)") from None
-        self.samples: list[list[Any]] = index["samples"]
-        if not self.samples:
+        #: Columns ``ids``, ``shard``, ``row``, ``caption_keys`` (numpy int64, one row per sample).
+        self.samples = read_samples(root, index)
+        if not len(self.samples["ids"]):
             raise RecipeError(f"data.path {root} holds no samples")
-        buckets = sorted({(int(s[2]), int(s[3])) for s in self.samples})
+        self.shards: list[dict[str, Any]] = index["shards"]
+        buckets = sorted({(int(s["bucket"][0]), int(s["bucket"][1])) for s in self.shards})
         bucket_number = {b: i for i, b in enumerate(buckets)}
         self.buckets = buckets
-        self.bucket_ids = [bucket_number[(int(s[2]), int(s[3]))] for s in self.samples]
-        self.shards: list[dict[str, Any]] = index["shards"]
+        shard_bucket = np.array([bucket_number[(int(s["bucket"][0]), int(s["bucket"][1]))] for s in self.shards])
+        self.bucket_ids = shard_bucket[self.samples["shard"]]
+        self._plans: dict[int, OrderPlan] = {}
         self.mode: str = index["mode"]
         self.precomputed_features: dict[str, tuple[int, ...]] = {
             k: tuple(int(d) for d in v) for k, v in index.get("features", {}).items()
@@ -182,39 +189,53 @@ class PrecomputedSource:
                 out[p] = row
         return torch.stack([t for t in out if t is not None])
 
-    def _pick_keys(self, samples: list[list[Any]], first: int) -> list[str]:
+    def _pick_keys(self, positions: list[int], picks: list[tuple[int, int]], first: int) -> list[str]:
         """One caption key per sample, by weight among the keys that sample has."""
         from prx_core.data.captions import pick_caption_keys
         from prx_core.seeding import generator_for
 
         generator = generator_for(self.seed, "captions", first)
-        if all(set(self.caption_weights) <= set(s[6]) for s in samples):
-            return pick_caption_keys(self.caption_weights, len(samples), generator)
+        masks = [int(self.samples["caption_keys"][p]) for p in positions]
+        bits = {key: 1 << i for i, key in enumerate(self.caption_keys)}
+        weighted = sum(bits[k] for k in self.caption_weights)
+        if all(mask & weighted == weighted for mask in masks):
+            return pick_caption_keys(self.caption_weights, len(positions), generator)
         keys = []
-        for sample in samples:
-            weights = {k: w for k, w in self.caption_weights.items() if k in sample[6]}
+        for position, pick, mask in zip(positions, picks, masks, strict=True):
+            weights = {k: w for k, w in self.caption_weights.items() if mask & bits[k]}
             if sum(weights.values()) <= 0:
+                (name,) = self.reader.strings(self.shards[pick[0]]["file"], "names", [pick[1]])
+                has = sorted(k for k, bit in bits.items() if mask & bit)
                 raise ValueError(
-                    f"sample {sample[0]} ({sample[1]}) has none of the weighted caption keys "
-                    f"{sorted(self.caption_weights)} (it has {sorted(sample[6])})"
+                    f"sample {int(self.samples['ids'][position])} ({name}) has none of the weighted caption keys "
+                    f"{sorted(self.caption_weights)} (it has {has})"
                 )
             keys.extend(pick_caption_keys(weights, 1, generator))
         return keys
 
+    def _captions(self, picks: list[tuple[int, int]], keys: list[str]) -> list[str]:
+        """The drawn caption of each sample, read from its shard (only this batch's strings)."""
+        return [
+            self.reader.strings(self.shards[shard]["file"], f"captions.{key}", [row])[0]
+            for (shard, row), key in zip(picks, keys, strict=True)
+        ]
+
     def batch(self, request: BatchRequest) -> RawBatch:
         import torch
 
-        from prx_core.data.order import batch_indices
+        from prx_core.data.order import OrderPlan
         from prx_core.slots import RawBatch
 
-        positions = batch_indices(request, self.bucket_ids, self.seed)
-        samples = [self.samples[p] for p in positions]
-        picks = [(int(s[4]), int(s[5])) for s in samples]
-        keys = self._pick_keys(samples, request.first_sample())
+        plan = self._plans.get(request.size)
+        if plan is None:  # one plan per micro-batch size, built once (a million samples: ~0.1 s)
+            plan = self._plans[request.size] = OrderPlan(self.bucket_ids, request.size, self.seed)
+        positions = plan.for_request(request)
+        picks = [(int(self.samples["shard"][p]), int(self.samples["row"][p])) for p in positions]
+        keys = self._pick_keys(positions, picks, request.first_sample())
         latents = self._gather(picks, "latents")
         std = self._gather(picks, "latent_std") if self.mode == "sample" else None
-        text_rows: list[torch.Tensor | None] = [None] * len(samples)
-        mask_rows: list[torch.Tensor | None] = [None] * len(samples)
+        text_rows: list[torch.Tensor | None] = [None] * len(picks)
+        mask_rows: list[torch.Tensor | None] = [None] * len(picks)
         for key in sorted(set(keys)):
             positions_k = [i for i, k in enumerate(keys) if k == key]
             sub = [picks[i] for i in positions_k]
@@ -226,13 +247,13 @@ class PrecomputedSource:
         features = {name: self._gather(picks, f"features.{name}") for name in sorted(common)}
         return RawBatch(
             images_BCHW=None,
-            captions=[s[6][k] for s, k in zip(samples, keys, strict=True)],
+            captions=self._captions(picks, keys),
             latents_BCHW=latents,
             latent_std_BCHW=std,
             text_BLD=torch.stack([t for t in text_rows if t is not None]),
             mask_BL=torch.stack([m for m in mask_rows if m is not None]),
             features=features,
-            sample_ids=[int(s[0]) for s in samples],
+            sample_ids=[int(self.samples["ids"][p]) for p in positions],
         )
 
     # ------------------------------------------------------------------ held-out set and empty prompt

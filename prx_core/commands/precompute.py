@@ -40,6 +40,7 @@ INDEXED_API = ("caption_keys", "train_indices", "bucket_of", "load", "held_out_i
 DTYPES = ("float16", "bfloat16", "float32")
 #: The settings a resumed run must share with the run that started the directory.
 RESUME_KEYS = (
+    "format_version",
     "fingerprint",
     "world_size",
     "shard_size",
@@ -132,7 +133,7 @@ def main(argv: list[str]) -> int:
         shutdown(finished)
     if index is not None:
         print(
-            f"{len(index['samples'])} samples in {len(index['shards'])} shards "
+            f"{index['samples']['count']} samples in {len(index['shards'])} shards "
             f"({len(index['skipped_ids'])} unreadable item(s) skipped), {index['held_out']['count']} held out, "
             f"written to {options.out}"
         )
@@ -280,8 +281,11 @@ def shard_plan(
 def _settings(
     recipe: Recipe, data: Any, world_size: int, mode: str, options: Options, plugins: list[str]
 ) -> dict[str, Any]:
+    from prx_core.shards import FORMAT_VERSION
+
     resolved = recipe.resolved()
     return {
+        "format_version": FORMAT_VERSION,
         "fingerprint": str(data.fingerprint),
         "world_size": world_size,
         "shard_size": options.shard_size,
@@ -475,16 +479,19 @@ def _encode_shard(
     """One shard's progress record and tensors (None when no item of it could be read)."""
     import torch
 
+    from prx_core.shards import key_mask, pack_strings
+
     parts: list[dict[str, torch.Tensor]] = []
     record: dict[str, Any] = {
         "shard": name,
         "bucket": list(bucket),
         "ids": [],
-        "names": [],
-        "captions": [],
+        "key_masks": [],
         "skipped": [],
         "features": {},
     }
+    names: list[str] = []
+    captions: list[dict[str, str]] = []
     chunks = [members[start : start + batch_size] for start in range(0, len(members), batch_size)]
     for chunk, loaded in zip(chunks, _prefetched(data, chunks), strict=True):
         items = []
@@ -498,9 +505,11 @@ def _encode_shard(
                     f"but the data source puts it in bucket {bucket}"
                 )
             items.append(item)
+            present = {k: str(v) for k, v in sorted(item.captions.items()) if v is not None}
             record["ids"].append(item_index)
-            record["names"].append(str(item.name))
-            record["captions"].append({k: str(v) for k, v in sorted(item.captions.items()) if v is not None})
+            record["key_masks"].append(key_mask(present, encoder.caption_keys))
+            names.append(str(item.name))
+            captions.append(present)
         if items:
             parts.append(encoder.batch(items))
         advance(len(chunk))
@@ -508,6 +517,11 @@ def _encode_shard(
         return record, None
     tensors = _cat(parts)
     tensors["ids"] = torch.tensor(record["ids"], dtype=torch.int64)
+    # The strings travel with their rows (not in index.json), so no rank ever loads all of them.
+    tensors["names.utf8"], tensors["names.offsets"] = pack_strings(names)
+    for key in encoder.caption_keys:
+        texts = [present.get(key, "") for present in captions]
+        tensors[f"captions.{key}.utf8"], tensors[f"captions.{key}.offsets"] = pack_strings(texts)
     record["features"] = {
         k.removeprefix("features."): list(v.shape[1:]) for k, v in tensors.items() if k.startswith("features.")
     }
@@ -525,10 +539,12 @@ def _write_index(
         EMPTY_FILE,
         INDEX_FILE,
         PROGRESS_DIR,
+        SAMPLES_FILE,
         SHARD_DIR,
         ProgressLog,
         assemble_index,
         write_json_atomic,
+        write_tensors_atomic,
     )
 
     out = options.out
@@ -559,14 +575,18 @@ def _write_index(
         "plugin_versions": {"prx_core": __version__, **{k: v for k, v in versions.items() if k in used}},
         "data_stats": dict(data_stats),
     }
-    index = assemble_index(header, records)
+    index, table = assemble_index(header, records)
     for shard in index["shards"]:
         if not (out / SHARD_DIR / shard["file"]).is_file():
             raise PrecomputeError(f"shard {out / SHARD_DIR / shard['file']} is missing; rerun the same command")
+    write_tensors_atomic(out / SAMPLES_FILE, table)  # before index.json, which marks the directory complete
     write_json_atomic(out / INDEX_FILE, index)
     _write_training_recipe(recipe, out, index["caption_keys"])
     logger.info(
-        "precompute: wrote %s (%d samples, %d shards)", out / INDEX_FILE, len(index["samples"]), len(index["shards"])
+        "precompute: wrote %s (%d samples, %d shards)",
+        out / INDEX_FILE,
+        index["samples"]["count"],
+        len(index["shards"]),
     )
     return index
 

@@ -23,11 +23,9 @@ milliseconds at a million items); the last two epochs are cached.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -159,29 +157,3 @@ class OrderPlan:
         chunk_start = int(layout.rank_in_bucket_N[position]) // self.batch_size * self.batch_size
         for step in range(self.batch_size, full):
             yield int(perm[(chunk_start + step) % full])
-
-
-_PLANS: OrderedDict[tuple[Any, ...], OrderPlan] = OrderedDict()
-
-
-def _plan(bucket_ids: Sequence[int] | np.ndarray, size: int, seed: int) -> OrderPlan:
-    ids_N = np.ascontiguousarray(np.asarray(bucket_ids, dtype=np.int64))
-    # Keyed by content, not identity: hashing 8 MB (a million ids) takes a few milliseconds.
-    digest = hashlib.blake2b(ids_N.tobytes(), digest_size=16).hexdigest()
-    key = (digest, len(ids_N), size, seed)
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = OrderPlan(ids_N, size, seed)
-        _PLANS[key] = plan
-        while len(_PLANS) > 4:
-            _PLANS.popitem(last=False)
-    return plan
-
-
-def batch_indices(request: BatchRequest, bucket_ids: Sequence[int] | np.ndarray, seed: int) -> list[int]:
-    """Positions into ``bucket_ids`` of the samples for ``request`` (one bucket, ``request.size`` long).
-
-    A convenience over :class:`OrderPlan` for sources that keep no plan of their own; plans are
-    cached by the content of ``bucket_ids``, the size and the seed.
-    """
-    return _plan(bucket_ids, request.size, seed).for_request(request)

@@ -162,6 +162,31 @@ def _train_patch(vae_dir: Path, out: Path, **data: Any) -> dict[str, Any]:
     return {"latent_space": _latent(vae_dir), "data": {"use": "precomputed", "path": str(out), **data}}
 
 
+def _samples(out: Path) -> list[dict[str, Any]]:
+    """Every stored sample as the shards hold it: id, name, bucket, shard, row and captions."""
+    from prx_core.shards import ShardReader, read_samples
+
+    index = read_index(out)
+    table = read_samples(out, index)
+    reader = ShardReader(out / "shards")
+    samples = []
+    columns = (table[c].tolist() for c in ("ids", "shard", "row", "caption_keys"))
+    for sample_id, shard, row, mask in zip(*columns, strict=True):
+        file = index["shards"][shard]["file"]
+        keys = [k for bit, k in enumerate(index["caption_keys"]) if mask >> bit & 1]
+        samples.append(
+            {
+                "id": sample_id,
+                "name": reader.strings(file, "names", [row])[0],
+                "bucket": tuple(index["shards"][shard]["bucket"]),
+                "shard": shard,
+                "row": row,
+                "captions": {k: reader.strings(file, f"captions.{k}", [row])[0] for k in keys},
+            }
+        )
+    return samples
+
+
 def test_precompute_stores_the_posterior_every_caption_and_the_held_out_set(
     site: Path, vae_dir: Path, tmp_path: Path
 ) -> None:
@@ -169,7 +194,8 @@ def test_precompute_stores_the_posterior_every_caption_and_the_held_out_set(
     index = precompute(recipe, Options(tmp_path / "out", dtype="float32", shard_size=5, batch_size=3))
     assert index is not None and index == read_index(tmp_path / "out")
     assert index["mode"] == "sample" and index["dtype"] == "float32"  # flux_vae samples its posterior
-    assert [s[0] for s in index["samples"]] == [i for i in range(24) if i != 5]
+    samples = _samples(tmp_path / "out")
+    assert [s["id"] for s in samples] == [i for i in range(24) if i != 5]
     assert index["skipped_ids"] == [5] and index["data_stats"] == {"items": 24.0, "bad_decode": 0.0}
     assert index["caption_keys"] == ["long", "short"] and index["text_shape"] == [16, 384]
     assert index["latent_space"] == {"use": "flux_vae", **{k: v for k, v in recipe.resolved()["latent_space"].items()}}
@@ -184,8 +210,10 @@ def test_precompute_stores_the_posterior_every_caption_and_the_held_out_set(
 
     trainer = make_trainer(recipe, tmp_path / "run")  # builds the same towers
     item = trainer.run.data.load(7)
-    _, _, h, w, shard, row, captions = index["samples"][6]
-    assert (h, w) == tuple(item.image_CHW.shape[-2:]) and captions == item.captions
+    stored = samples[6]
+    assert stored["id"] == 7 and stored["name"] == item.name
+    assert stored["bucket"] == tuple(item.image_CHW.shape[-2:]) and stored["captions"] == item.captions
+    shard, row = stored["shard"], stored["row"]
     reader = ShardReader(tmp_path / "out" / "shards")
     file = index["shards"][shard]["file"]
     mean, std = trainer.run.latent_space.encode_distribution(item.image_CHW[None])
@@ -196,8 +224,9 @@ def test_precompute_stores_the_posterior_every_caption_and_the_held_out_set(
     torch.testing.assert_close(reader.rows(file, "text.short", [row]), states, atol=1e-5, rtol=1e-5)
     assert reader.rows(file, "ids", [row]).item() == 7
     # Item 9 has no short caption: zero states, nothing attended.
-    _, _, _, _, shard9, row9, captions9 = index["samples"][8]
-    assert "short" not in captions9
+    shard9, row9 = samples[8]["shard"], samples[8]["row"]
+    assert samples[8]["id"] == 9 and "short" not in samples[8]["captions"]
+    assert reader.strings(index["shards"][shard9]["file"], "captions.short", [row9]) == [""]
     assert not reader.rows(index["shards"][shard9]["file"], "mask.short", [row9]).any()
 
 
@@ -256,7 +285,7 @@ def _request(step: int) -> Any:
 
 def test_stored_posterior_is_sampled_like_the_online_encoding(site: Path, vae_dir: Path, tmp_path: Path) -> None:
     """One step from shards sees the latents the online path would draw with the same generator."""
-    from prx_core.data.order import batch_indices
+    from prx_core.data.order import OrderPlan
     from prx_core.seeding import generator_for
     from prx_core.slots import BatchRequest
     from prx_core.towers import batch_encodings
@@ -269,7 +298,9 @@ def test_stored_posterior_is_sampled_like_the_online_encoding(site: Path, vae_di
     raw = run.data.batch(request)
     assert raw.images_BCHW is None and raw.latent_std_BCHW is not None and raw.features == {}
     x0, text, mask = batch_encodings(raw, run, generator_for(0, "probe"))
-    ids = [run.data.samples[p][0] for p in batch_indices(request, run.data.bucket_ids, run.data.seed)]
+    positions = OrderPlan(run.data.bucket_ids, 4, run.data.seed).for_request(request)
+    ids = [int(run.data.samples["ids"][p]) for p in positions]
+    assert raw.sample_ids == ids
     images = torch.stack([_load(i) for i in ids])
     online = run.latent_space.encode(images, generator_for(0, "probe"))
     torch.testing.assert_close(x0, online, atol=1e-5, rtol=1e-5)
@@ -318,6 +349,12 @@ def test_an_interrupted_precompute_resumes_to_the_same_index(
     # Other settings on the same directory are refused, naming what changed.
     with pytest.raises(PrecomputeError, match="shard_size: 3 -> 4"):
         precompute(recipe, Options(out, **{**options, "shard_size": 4}))
+    # So is a directory an older prx started in another shard format.
+    settings = json.loads((out / "precompute.json").read_text())
+    del settings["format_version"]
+    (out / "precompute.json").write_text(json.dumps(settings))
+    with pytest.raises(PrecomputeError, match="format_version: None -> 2"):
+        precompute(recipe, Options(out, **options))
 
 
 def test_refusals_name_the_problem(site: Path, vae_dir: Path, tmp_path: Path) -> None:
@@ -381,7 +418,7 @@ def test_prx_run_precompute_then_train_twenty_steps_from_the_shards(vae_dir: Pat
     precompute(source, Options(tmp_path / "out", shard_size=16))  # in-process: the CLI path is tested below
     index = read_index(tmp_path / "out")
     skipped = sum(1 for item in read_manifest(root)["items"].values() if str(item["expect"]).startswith("skipped/"))
-    assert len(index["samples"]) == 60 - 4 - skipped
+    assert index["samples"]["count"] == 60 - 4 - skipped
     assert sum(v for k, v in index["data_stats"].items() if k.startswith("skipped/")) + index["skipped_at_encode"] > 0
     assert index["caption_keys"] == ["long", "short"] and index["held_out"]["count"] == 4
     # The recipe precompute writes next to the shards: the source recipe, training from them.
@@ -403,7 +440,9 @@ def test_two_processes_precompute_the_same_samples_as_one(site: Path, vae_dir: P
     two = read_index(tmp_path / "out2")
     one = precompute(tiny_recipe(tmp_path / "r1", _source_patch(vae_dir)), Options(tmp_path / "out1", shard_size=4))
     assert one is not None
-    assert [s[0] for s in two["samples"]] == [s[0] for s in one["samples"]]
-    assert [s[6] for s in two["samples"]] == [s[6] for s in one["samples"]]
+    stored_two, stored_one = _samples(tmp_path / "out2"), _samples(tmp_path / "out1")
+    assert [(s["id"], s["name"], s["captions"]) for s in stored_two] == [
+        (s["id"], s["name"], s["captions"]) for s in stored_one
+    ]
     assert {s["file"][:4] for s in two["shards"]} == {"r000", "r001"}
     assert two["world_size"] == 2 and two["skipped_ids"] == one["skipped_ids"] == [5]

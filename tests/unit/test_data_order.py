@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from prx_core.data.order import OrderPlan, batch_indices
+from prx_core.data.order import OrderPlan
 from prx_core.seeding import derive_seed
 from prx_core.slots import BatchRequest
 
@@ -44,10 +44,10 @@ def test_layout_matches_the_documented_rule() -> None:
 
 
 def test_deterministic_and_seed_dependent() -> None:
-    a = [batch_indices(request(s), BUCKETS, seed=0) for s in range(10)]
+    a = [OrderPlan(BUCKETS, 3, seed=0).for_request(request(s)) for s in range(10)]
     b = [OrderPlan(list(BUCKETS), 3, seed=0).chunk(s) for s in range(10)]
     assert a == b
-    c = [batch_indices(request(s), BUCKETS, seed=1) for s in range(10)]
+    c = [OrderPlan(BUCKETS, 3, seed=1).for_request(request(s)) for s in range(10)]
     assert a != c, "changing the seed must change the order (SPEC §7.6)"
 
 
@@ -77,9 +77,10 @@ def test_tails_rotate_between_epochs() -> None:
 
 def test_ranks_are_disjoint_within_a_step_and_cover_the_stream() -> None:
     ids = [i % 4 for i in range(400)]
+    plan = OrderPlan(ids, 5, seed=3)
     for step in range(6):
         got = [
-            batch_indices(request(step, micro, acc=2, rank=r, world=4, size=5), ids, seed=3)
+            plan.for_request(request(step, micro, acc=2, rank=r, world=4, size=5))
             for micro in range(2)
             for r in range(4)
         ]

@@ -12,11 +12,15 @@ from prx_core.commands.precompute import shard_plan
 from prx_core.shards import (
     FORMAT,
     FORMAT_VERSION,
+    SAMPLES_FILE,
     ProgressLog,
     ShardError,
     ShardReader,
     assemble_index,
+    key_mask,
+    pack_strings,
     read_index,
+    read_samples,
     write_json_atomic,
     write_tensors_atomic,
 )
@@ -91,8 +95,7 @@ def _record(shard: str, bucket: tuple[int, int], ids: list[int], skipped: list[i
         "shard": shard,
         "bucket": list(bucket),
         "ids": ids,
-        "names": [f"img{i}" for i in ids],
-        "captions": [{"long": f"long {i}"} for i in ids],
+        "key_masks": [1 if i % 2 else 3 for i in ids],  # odd ids: "long" only; even: "long" and "short"
         "skipped": skipped or [],
         "features": {"repa:x:2x2": [4, 8]} if ids else {},
     }
@@ -104,7 +107,7 @@ def test_index_lists_samples_by_id_with_their_shard_and_row() -> None:
         _record("r000-16x16-00000.safetensors", (16, 16), [4, 0], skipped=[2]),
         _record("r000-16x32-00000.safetensors", (16, 32), [], skipped=[6]),  # every item failed: no file
     ]
-    index = assemble_index({"mode": "sample"}, records)
+    index, table = assemble_index({"mode": "sample", "caption_keys": ["long", "short"]}, records)
     assert (index["format"], index["version"], index["mode"]) == (FORMAT, FORMAT_VERSION, "sample")
     assert [s["file"] for s in index["shards"]] == ["r000-16x16-00000.safetensors", "r001-16x16-00000.safetensors"]
     assert index["shards"][0] == {
@@ -113,13 +116,12 @@ def test_index_lists_samples_by_id_with_their_shard_and_row() -> None:
         "rows": 2,
         "features": ["repa:x:2x2"],
     }
-    # [id, name, bucket h, bucket w, shard number, row, captions], sorted by id.
-    assert index["samples"] == [
-        [0, "img0", 16, 16, 0, 1, {"long": "long 0"}],
-        [3, "img3", 16, 16, 1, 1, {"long": "long 3"}],
-        [4, "img4", 16, 16, 0, 0, {"long": "long 4"}],
-        [7, "img7", 16, 16, 1, 0, {"long": "long 7"}],
-    ]
+    assert index["samples"] == {"file": SAMPLES_FILE, "count": 4}
+    # Columns sorted by id: shard number, row within it, caption-key bit mask.
+    assert table["ids"].tolist() == [0, 3, 4, 7]
+    assert table["shard"].tolist() == [0, 1, 0, 1]
+    assert table["row"].tolist() == [1, 1, 0, 0]
+    assert table["caption_keys"].tolist() == [3, 1, 3, 1]
     assert index["skipped_ids"] == [2, 6] and index["skipped_at_encode"] == 2
     with pytest.raises(ShardError, match="same sample id"):
         assemble_index({}, [*records, _record("r002-16x16-00000.safetensors", (16, 16), [3])])
@@ -131,8 +133,17 @@ def test_index_round_trips_and_refuses_other_formats(tmp_path: Path) -> None:
     (tmp_path / "progress").mkdir()
     with pytest.raises(ShardError, match="incomplete: rerun the same prx-run precompute command"):
         read_index(tmp_path)
-    index = assemble_index({"mode": "mode"}, [_record("a.safetensors", (8, 8), [1])])
+    index, table = assemble_index({"mode": "mode"}, [_record("a.safetensors", (8, 8), [1])])
     write_json_atomic(tmp_path / "index.json", index)
+    write_tensors_atomic(tmp_path / SAMPLES_FILE, table)
+    assert {k: v.tolist() for k, v in read_samples(tmp_path, index).items()} == {
+        "ids": [1],
+        "shard": [0],
+        "row": [0],
+        "caption_keys": [1],
+    }
+    with pytest.raises(ShardError, match="says 2"):
+        read_samples(tmp_path, {**index, "samples": {"file": SAMPLES_FILE, "count": 2}})
     assert read_index(tmp_path) == json.loads(json.dumps(index))
     write_json_atomic(tmp_path / "index.json", {**index, "version": FORMAT_VERSION + 1})
     with pytest.raises(ShardError, match="format version"):
@@ -140,6 +151,27 @@ def test_index_round_trips_and_refuses_other_formats(tmp_path: Path) -> None:
     write_json_atomic(tmp_path / "index.json", {"format": "something else"})
     with pytest.raises(ShardError, match="not a prx-run precompute index"):
         read_index(tmp_path)
+
+
+def test_packed_strings_read_back_row_by_row(tmp_path: Path) -> None:
+    texts = ["a long caption", "", "ünïcödé ✓ 日本", "x" * 3000, ""]
+    utf8, offsets = pack_strings(texts)
+    assert utf8.dtype == torch.uint8 and offsets.tolist()[0] == 0 and offsets.tolist()[-1] == utf8.numel()
+    write_tensors_atomic(tmp_path / "s.safetensors", {"captions.long.utf8": utf8, "captions.long.offsets": offsets})
+    reader = ShardReader(tmp_path)
+    assert reader.strings("s.safetensors", "captions.long", [3, 0, 2, 1, 0]) == [texts[i] for i in [3, 0, 2, 1, 0]]
+    empty_utf8, empty_offsets = pack_strings(["", ""])
+    write_tensors_atomic(tmp_path / "e.safetensors", {"names.utf8": empty_utf8, "names.offsets": empty_offsets})
+    assert reader.strings("e.safetensors", "names", [1, 0]) == ["", ""]
+    with pytest.raises(ShardError, match="no string column 'captions.short'"):
+        reader.strings("s.safetensors", "captions.short", [0])
+
+
+def test_key_mask_sets_one_bit_per_present_key() -> None:
+    keys = ["long", "medium", "short"]
+    assert key_mask({"long": "x", "short": "y"}, keys) == 0b101
+    assert key_mask([], keys) == 0
+    assert key_mask(["medium", "unknown"], keys) == 0b010
 
 
 def test_shard_plan_deals_items_round_robin_and_groups_buckets() -> None:
