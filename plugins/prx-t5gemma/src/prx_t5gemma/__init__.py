@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from prx_core import hookimpl
 from prx_core.hookspecs import PluginInfo
+from prx_core.text_encoder_config import HubTextEncoderConfig, build_hub_text_encoder
 
 if TYPE_CHECKING:
     from prx_t5gemma.encoder import T5GemmaTextEncoder
@@ -29,48 +30,21 @@ INFO = PluginInfo(
 )
 
 
-@dataclass(frozen=True)
-class T5GemmaEncoderConfig:
+@dataclass(frozen=True, kw_only=True)
+class T5GemmaEncoderConfig(HubTextEncoderConfig):
     """The ``[text_encoder]`` table when ``use = "t5gemma"``."""
 
-    #: Hub id or local directory: a T5Gemma checkpoint (encoder-decoder or encoder-only) or a
-    #: PRXPipeline repo (with ``subfolder = "text_encoder"``, ``tokenizer_subfolder = "tokenizer"``).
+    #: A T5Gemma checkpoint (encoder-decoder or encoder-only) or a PRXPipeline repo; only the
+    #: encoder is built (the rest of the keys: :class:`prx_core.text_encoder_config.HubTextEncoderConfig`).
     path: str = "google/t5gemma-2b-2b-ul2"
-    #: Directory inside ``path`` holding the encoder's config and weights.
-    subfolder: str = ""
-    #: Directory inside ``path`` holding the tokenizer; empty: the same as ``subfolder``.
-    tokenizer_subfolder: str = ""
-    #: Tokens per prompt; every prompt is truncated or right-padded to exactly this length.
-    max_length: int = 256
-    #: Width of the token states. A plain field, not read from the weights, because the core
-    #: sizes the denoiser's ``context_in_dim`` from it before anything loads; checked on load.
     dim: int = 2304
-
-    def __post_init__(self) -> None:
-        if not self.path:
-            raise ValueError("path must name a hub id or a local directory, got an empty string")
-        if self.max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {self.max_length}")
-        if self.dim < 1:
-            raise ValueError(f"dim must be >= 1, got {self.dim}")
 
 
 def _build(config: T5GemmaEncoderConfig, run: Any) -> T5GemmaTextEncoder:
-    """Load the frozen encoder on the run's device, in the dtype the precision policy gives frozen towers."""
     from prx_t5gemma.encoder import T5GemmaTextEncoder, load_t5gemma
 
-    precision = getattr(run, "precision", None)
-    if precision is None:
-        raise RuntimeError("t5gemma: the precision policy must be built before the text encoder")
-    model, tokenizer = load_t5gemma(
-        config.path,
-        config.subfolder,
-        run.device,
-        precision.frozen_dtype,
-        dim=config.dim,
-        tokenizer_subfolder=config.tokenizer_subfolder or config.subfolder,
-    )
-    return T5GemmaTextEncoder(model, tokenizer, max_length=config.max_length, dim=config.dim, device=run.device)
+    encoder: T5GemmaTextEncoder = build_hub_text_encoder("t5gemma", config, run, load_t5gemma, T5GemmaTextEncoder)
+    return encoder
 
 
 @hookimpl
