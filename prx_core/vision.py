@@ -288,6 +288,28 @@ def visible_targets(targets_BNE: torch.Tensor, plan: RoutePlan | None, layer: in
     return gather_tokens(targets_BNE, plan.visible_idx_BK)
 
 
+def teacher_feature_key(plugin: str, encoder: str, grid_hw: tuple[int, int]) -> str:
+    """The ``prx_precompute_features`` key of a plugin's teacher targets for one token grid.
+
+    It names everything the targets depend on (plugin, teacher, grid), so targets stored for
+    another configuration are never picked up by mistake.
+    """
+    return f"{plugin}:{encoder}:{grid_hw[0]}x{grid_hw[1]}"
+
+
+def precomputed_teacher_width(run: Any, plugin: str, encoder: str) -> int | None:
+    """The teacher's embedding width when the data source stores ``plugin``'s targets from
+    ``encoder``, else None (training from ``prx-run precompute --features`` shards then never
+    loads the teacher)."""
+    from prx_core.config import RecipeError
+
+    stored = getattr(run.data, "precomputed_features", None) or {}
+    widths = {shape[-1] for key, shape in stored.items() if key.startswith(f"{plugin}:{encoder}:")}
+    if len(widths) > 1:
+        raise RecipeError(f"{plugin}: the precomputed '{encoder}' targets have several widths {sorted(widths)}")
+    return widths.pop() if widths else None
+
+
 def image_token_grid(run: Any, images_BCHW: torch.Tensor, label: str) -> tuple[int, int]:
     """The denoiser's token grid for these images (one token per latent compression × patch pixels)."""
     stride = run.require("latent_space").spatial_compression * run.recipe.model.patch_size

@@ -128,16 +128,11 @@ def prx_configure(run: RunContext) -> None:
 
 
 def precomputed_width(run: RunContext) -> int | None:
-    """The teacher's embedding width when the data source stores this encoder's targets, else None.
+    """The teacher's embedding width when the data source stores this encoder's targets, else None."""
+    from prx_core.vision import precomputed_teacher_width
 
-    Training from ``prx-run precompute --features`` shards then never loads the teacher.
-    """
     config: IrepaConfig = run.plugin_config(INFO.name)
-    stored = getattr(run.data, "precomputed_features", None) or {}
-    widths = {shape[-1] for key, shape in stored.items() if key.startswith(f"{INFO.name}:{config.encoder}:")}
-    if len(widths) > 1:
-        raise RecipeError(f"irepa: the precomputed '{config.encoder}' targets have several widths {sorted(widths)}")
-    return widths.pop() if widths else None
+    return precomputed_teacher_width(run, INFO.name, config.encoder)
 
 
 @hookimpl

@@ -7,7 +7,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from prx_core.vision import alignment_targets, mean_cosine_similarity, route_covers, token_grid, visible_targets
+from prx_core.vision import (
+    alignment_targets,
+    mean_cosine_similarity,
+    route_covers,
+    teacher_feature_key,
+    token_grid,
+    visible_targets,
+)
 
 if TYPE_CHECKING:
     from prx_core.keys import RoutePlan
@@ -106,8 +113,8 @@ def irepa_targets(
 
 
 def feature_key(encoder: str, grid_hw: tuple[int, int]) -> str:
-    """The key of precomputed normalised targets (``prx_precompute_features``) for one token grid."""
-    return f"irepa:{encoder}:{grid_hw[0]}x{grid_hw[1]}"
+    """The key of precomputed teacher targets (``prx_precompute_features``) for one token grid."""
+    return teacher_feature_key("irepa", encoder, grid_hw)
 
 
 def irepa_loss(

@@ -87,16 +87,11 @@ def loaded_teacher(run: RunContext) -> FrozenEncoder:
 
 
 def precomputed_width(run: RunContext) -> int | None:
-    """The teacher's embedding width when the data source stores this encoder's tokens, else None.
+    """The teacher's embedding width when the data source stores this encoder's tokens, else None."""
+    from prx_core.vision import precomputed_teacher_width
 
-    Training from ``prx-run precompute --features`` shards then never loads the teacher.
-    """
     config: RepaConfig = run.plugin_config(INFO.name)
-    stored = getattr(run.data, "precomputed_features", None) or {}
-    widths = {shape[-1] for key, shape in stored.items() if key.startswith(f"{INFO.name}:{config.encoder}:")}
-    if len(widths) > 1:
-        raise RecipeError(f"repa: the precomputed '{config.encoder}' tokens have several widths {sorted(widths)}")
-    return widths.pop() if widths else None
+    return precomputed_teacher_width(run, INFO.name, config.encoder)
 
 
 @hookimpl

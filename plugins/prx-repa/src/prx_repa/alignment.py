@@ -7,7 +7,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from prx_core.vision import alignment_targets, mean_cosine_similarity, token_grid, visible_targets
+from prx_core.vision import (
+    alignment_targets,
+    mean_cosine_similarity,
+    teacher_feature_key,
+    token_grid,
+    visible_targets,
+)
 
 if TYPE_CHECKING:
     from prx_core.keys import RoutePlan
@@ -49,7 +55,7 @@ def repa_targets(
 
 def feature_key(encoder: str, grid_hw: tuple[int, int]) -> str:
     """The key of precomputed teacher tokens (``prx_precompute_features``) for one token grid."""
-    return f"repa:{encoder}:{grid_hw[0]}x{grid_hw[1]}"
+    return teacher_feature_key("repa", encoder, grid_hw)
 
 
 def repa_loss(
