@@ -192,16 +192,22 @@ def _run_parser(command: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _open_run(run_dir: Path, checkpoint: Path | None) -> Trainer:
-    """A trainer restored from a run directory's resolved recipe and a checkpoint."""
+def _open_run(command: str, run_dir: Path, checkpoint: Path | None) -> Trainer | None:
+    """A trainer restored from a run directory's resolved recipe and a checkpoint; None (after
+    printing why, as ``prx-run <command>: ...``) when that fails."""
+    from prx_core.errors import TrainingError
     from prx_core.recipe import load
     from prx_core.trainer import Trainer
 
-    recipe_file = run_dir / "recipe.toml"
-    if not recipe_file.is_file():
-        raise RecipeError(f"{run_dir} is not a run directory: {recipe_file} is missing")
-    trainer = Trainer(load(recipe_file), run_dir, resume=str(checkpoint or run_dir))
-    trainer.setup()
+    try:
+        recipe_file = run_dir / "recipe.toml"
+        if not recipe_file.is_file():
+            raise RecipeError(f"{run_dir} is not a run directory: {recipe_file} is missing")
+        trainer = Trainer(load(recipe_file), run_dir, resume=str(checkpoint or run_dir))
+        trainer.setup()
+    except (RecipeError, TrainingError, RuntimeError) as err:
+        print(f"prx-run {command}: {err}", file=sys.stderr)
+        return None
     return trainer
 
 
@@ -235,13 +241,10 @@ def export_parser() -> argparse.ArgumentParser:
 def cmd_sample(argv: list[str]) -> int:
     args = sample_parser().parse_args(argv)
     _setup_logging(quiet=True)
-    from prx_core.errors import TrainingError
     from prx_core.images import save_grid
 
-    try:
-        trainer = _open_run(args.run_dir, args.checkpoint)
-    except (RecipeError, TrainingError, RuntimeError) as err:
-        print(f"prx-run sample: {err}", file=sys.stderr)
+    trainer = _open_run("sample", args.run_dir, args.checkpoint)
+    if trainer is None:
         return 1
     sampling = trainer.recipe.sampling
     size = args.size or trainer.sample_size()
@@ -265,12 +268,8 @@ def cmd_eval(argv: list[str]) -> int:
     _setup_logging(quiet=True)
     import json
 
-    from prx_core.errors import TrainingError
-
-    try:
-        trainer = _open_run(args.run_dir, args.checkpoint)
-    except (RecipeError, TrainingError, RuntimeError) as err:
-        print(f"prx-run eval: {err}", file=sys.stderr)
+    trainer = _open_run("eval", args.run_dir, args.checkpoint)
+    if trainer is None:
         return 1
     results = trainer.evaluate()
     out = args.run_dir / "eval" / f"step_{trainer.step:08d}.json"
@@ -286,12 +285,9 @@ def cmd_export(argv: list[str]) -> int:
     args = export_parser().parse_args(argv)
     _setup_logging(quiet=True)
     from prx_core.denoiser import export_diffusers
-    from prx_core.errors import TrainingError
 
-    try:
-        trainer = _open_run(args.run_dir, args.checkpoint)
-    except (RecipeError, TrainingError, RuntimeError) as err:
-        print(f"prx-run export: {err}", file=sys.stderr)
+    trainer = _open_run("export", args.run_dir, args.checkpoint)
+    if trainer is None:
         return 1
     modules = trainer.sampling_modules() if args.weights == "sampling" else trainer.run.require("trainable")
     path = export_diffusers(modules.model, args.out / "transformer")
