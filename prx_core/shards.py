@@ -278,7 +278,9 @@ def assemble_index(
     bit mask of the caption keys that item has (``key_masks``, over ``header["caption_keys"]``).
     """
     shards: list[dict[str, Any]] = []
-    columns: dict[str, list[int]] = {name: [] for name in SAMPLE_COLUMNS}
+    # One small tensor per shard and column, concatenated once: millions of samples never become
+    # millions of Python ints held at the same time.
+    columns: dict[str, list[torch.Tensor]] = {name: [] for name in SAMPLE_COLUMNS}
     skipped: list[int] = []
     for record in sorted(records, key=lambda r: str(r["shard"])):
         skipped.extend(int(i) for i in record.get("skipped", []))
@@ -294,12 +296,16 @@ def assemble_index(
                 "features": sorted(record.get("features", {})),
             }
         )
-        for row, (sample_id, mask) in enumerate(zip(record["ids"], record["key_masks"], strict=True)):
-            columns["ids"].append(int(sample_id))
-            columns["shard"].append(number)
-            columns["row"].append(row)
-            columns["caption_keys"].append(int(mask))
-    table = {name: torch.tensor(values, dtype=torch.int64) for name, values in columns.items()}
+        rows = len(record["ids"])
+        if len(record["key_masks"]) != rows:
+            raise ShardError(
+                f"the progress record of {record['shard']} lists {rows} ids but {len(record['key_masks'])} masks"
+            )
+        columns["ids"].append(torch.tensor(record["ids"], dtype=torch.int64))
+        columns["shard"].append(torch.full((rows,), number, dtype=torch.int64))
+        columns["row"].append(torch.arange(rows, dtype=torch.int64))
+        columns["caption_keys"].append(torch.tensor(record["key_masks"], dtype=torch.int64))
+    table = {name: torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64) for name, parts in columns.items()}
     order = torch.argsort(table["ids"], stable=True)
     table = {name: column[order] for name, column in table.items()}
     if table["ids"].numel() and bool((table["ids"][1:] == table["ids"][:-1]).any()):
