@@ -21,6 +21,8 @@ from prx_core import hookimpl
 from prx_core.hookspecs import PluginInfo
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     import torch
 
     from prx_core.data.order import OrderPlan
@@ -43,6 +45,9 @@ class PrecomputedConfig:
     seed: int | None = None
     #: Shard files kept open (memory-mapped) at once by each rank.
     open_shards: int = 32
+    #: Read the next micro-batch's rows in a background thread while the current one trains (one
+    #: extra micro-batch in memory); the batches are the same either way.
+    read_ahead: bool = True
 
     def __post_init__(self) -> None:
         from prx_core.data.captions import validate_caption_weights
@@ -155,6 +160,11 @@ class PrecomputedSource:
         self._held_out: dict[str, torch.Tensor] | None = None
         self._empty: tuple[torch.Tensor, torch.Tensor] | None = None
         self.device = run.device
+        self.read_ahead = config.read_ahead
+        self._worker: ThreadPoolExecutor | None = None
+        self._ahead: tuple[BatchRequest, Future[RawBatch]] | None = None
+        #: Micro-batches served from the read-ahead (for tests).
+        self.read_ahead_hits = 0
 
     def _check_held_out_covers(self, recipe: Any) -> None:
         """Fail at build time when sample grids or evaluation ask for more held-out items than stored."""
@@ -221,6 +231,29 @@ class PrecomputedSource:
         ]
 
     def batch(self, request: BatchRequest) -> RawBatch:
+        """The rows of ``request``; with ``read_ahead`` they were read while the previous step ran.
+
+        Every read goes through one worker thread (a stale read-ahead finishes before the next
+        read starts), so the shard reader and its open files are never used by two threads.
+        """
+        if not self.read_ahead:
+            return self._read(request)
+        if self._worker is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prx-precomputed")
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == request:
+            self.read_ahead_hits += 1
+            future = ahead[1]
+        else:
+            future = self._worker.submit(self._read, request)
+        raw = future.result()
+        following = request.following()
+        self._ahead = (following, self._worker.submit(self._read, following))
+        return raw
+
+    def _read(self, request: BatchRequest) -> RawBatch:
         import torch
 
         from prx_core.data.order import OrderPlan

@@ -277,6 +277,32 @@ def test_training_from_shards_resumes_bitwise(site: Path, vae_dir: Path, tmp_pat
     assert request_ids[0] != request_ids[1]
 
 
+def test_read_ahead_gives_the_same_batches(site: Path, vae_dir: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from prx_core.builtins.precomputed import PrecomputedSource
+    from prx_core.slots import BatchRequest
+
+    out = tmp_path / "out"
+    precompute(tiny_recipe(tmp_path / "r", _source_patch(vae_dir)), Options(out, shard_size=5))
+    recipe = tiny_recipe(tmp_path / "t", _train_patch(vae_dir, out, caption_weights={"long": 0.5, "short": 0.5}))
+    run = make_trainer(recipe, tmp_path / "run").run
+    config = recipe.slot_config("data")
+    plain, ahead = PrecomputedSource(replace(config, read_ahead=False), run), PrecomputedSource(config, run)
+
+    def request(step: int, micro: int) -> BatchRequest:
+        return BatchRequest(step=step, micro_step=micro, accumulation=2, rank=0, world_size=1, size=3, seed=0)
+
+    # In order (each one read ahead), then a jump (the read-ahead is not used), then in order again.
+    requests = [request(s, m) for s in range(4) for m in range(2)] + [request(9, 1), request(10, 0)]
+    for r in requests:
+        expected, got = plain.batch(r), ahead.batch(r)
+        assert got.sample_ids == expected.sample_ids and got.captions == expected.captions
+        for name in ("latents_BCHW", "latent_std_BCHW", "text_BLD", "mask_BL"):
+            assert torch.equal(getattr(got, name), getattr(expected, name)), name
+    assert ahead.read_ahead_hits == len(requests) - 2 and plain.read_ahead_hits == 0
+
+
 def _request(step: int) -> Any:
     from prx_core.slots import BatchRequest
 
