@@ -228,17 +228,24 @@ class ShardReader:
             out.append(bytes(utf8[start:stop].numpy()).decode("utf-8") if stop > start else "")
         return out
 
-    def rows(self, shard: str, key: str, rows: Sequence[int]) -> torch.Tensor:
-        """Rows ``rows`` (in that order, repeats allowed) of tensor ``key`` in ``shard``."""
+    def row_views(self, shard: str, key: str, rows: Sequence[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(row, tensor)`` for each distinct requested row of tensor ``key`` in ``shard``.
+
+        Neighbouring rows are read as one slice (the only copy out of the memory map); each
+        tensor is a view into it, for the caller to place where it wants them.
+        """
         handle = self._handle(shard)
         if key not in handle.keys():
             raise ShardError(f"shard {self.root / shard} has no tensor '{key}' (it has {sorted(handle.keys())})")
         sliced = handle.get_slice(key)
-        pieces: dict[int, torch.Tensor] = {}
         for start, stop in _runs(rows):
             block = sliced[start:stop]
             for offset in range(stop - start):
-                pieces[start + offset] = block[offset]
+                yield start + offset, block[offset]
+
+    def rows(self, shard: str, key: str, rows: Sequence[int]) -> torch.Tensor:
+        """Rows ``rows`` (in that order, repeats allowed) of tensor ``key`` in ``shard``, stacked."""
+        pieces = dict(self.row_views(shard, key, rows))
         return torch.stack([pieces[r] for r in rows])
 
     def close(self) -> None:

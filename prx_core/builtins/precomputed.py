@@ -185,19 +185,32 @@ class PrecomputedSource:
 
     # ------------------------------------------------------------------ training batches
 
-    def _gather(self, picks: list[tuple[int, int]], key: str) -> torch.Tensor:
-        """Rows ``(shard number, row)`` of tensor ``key``, in the order given."""
+    def _gather(
+        self,
+        picks: list[tuple[int, int]],
+        key: str,
+        slots: list[int] | None = None,
+        out: torch.Tensor | None = None,
+        size: int | None = None,
+    ) -> torch.Tensor:
+        """Rows ``(shard number, row)`` of tensor ``key`` written to ``out[slots]``; without ``out``
+        a new tensor of ``size`` rows (default: one per pick, in order). Each row is copied once
+        out of its shard's read block."""
         import torch
 
-        by_shard: dict[int, list[int]] = {}
-        for position, (shard, _) in enumerate(picks):
-            by_shard.setdefault(shard, []).append(position)
-        out: list[torch.Tensor | None] = [None] * len(picks)
-        for shard, positions in sorted(by_shard.items()):
-            rows = self.reader.rows(self.shards[shard]["file"], key, [picks[p][1] for p in positions])
-            for p, row in zip(positions, rows, strict=True):
-                out[p] = row
-        return torch.stack([t for t in out if t is not None])
+        slots = list(range(len(picks))) if slots is None else slots
+        by_shard: dict[int, dict[int, list[int]]] = {}
+        for slot, (shard, row) in zip(slots, picks, strict=True):
+            by_shard.setdefault(shard, {}).setdefault(row, []).append(slot)
+        for shard, wanted in sorted(by_shard.items()):
+            for row, view in self.reader.row_views(self.shards[shard]["file"], key, list(wanted)):
+                if out is None:
+                    out = torch.empty((size or len(picks), *view.shape), dtype=view.dtype)
+                for slot in wanted[row]:
+                    out[slot].copy_(view)
+        if out is None:
+            raise ValueError(f"no rows requested of '{key}'")
+        return out
 
     def _pick_keys(self, positions: list[int], picks: list[tuple[int, int]], first: int) -> list[str]:
         """One caption key per sample, by weight among the keys that sample has."""
@@ -254,7 +267,6 @@ class PrecomputedSource:
         return raw
 
     def _read(self, request: BatchRequest) -> RawBatch:
-        import torch
 
         from prx_core.data.order import OrderPlan
         from prx_core.slots import RawBatch
@@ -267,14 +279,16 @@ class PrecomputedSource:
         keys = self._pick_keys(positions, picks, request.first_sample())
         latents = self._gather(picks, "latents")
         std = self._gather(picks, "latent_std") if self.mode == "sample" else None
-        text_rows: list[torch.Tensor | None] = [None] * len(picks)
-        mask_rows: list[torch.Tensor | None] = [None] * len(picks)
+        # Every drawn key's rows go straight into one [B, L, D] batch (and its mask).
+        text_BLD: torch.Tensor | None = None
+        mask_BL: torch.Tensor | None = None
         for key in sorted(set(keys)):
-            positions_k = [i for i, k in enumerate(keys) if k == key]
-            sub = [picks[i] for i in positions_k]
-            states, masks = self._gather(sub, f"text.{key}"), self._gather(sub, f"mask.{key}")
-            for i, s, m in zip(positions_k, states, masks, strict=True):
-                text_rows[i], mask_rows[i] = s, m
+            slots = [i for i, k in enumerate(keys) if k == key]
+            sub = [picks[i] for i in slots]
+            text_BLD = self._gather(sub, f"text.{key}", slots, text_BLD, size=len(picks))
+            mask_BL = self._gather(sub, f"mask.{key}", slots, mask_BL, size=len(picks))
+        if text_BLD is None or mask_BL is None:
+            raise ValueError("a batch of no samples was requested")
         shard_features = [set(self.shards[p[0]].get("features", [])) for p in picks]
         common = set.intersection(*shard_features) if shard_features else set()
         features = {name: self._gather(picks, f"features.{name}") for name in sorted(common)}
@@ -283,8 +297,8 @@ class PrecomputedSource:
             captions=self._captions(picks, keys),
             latents_BCHW=latents,
             latent_std_BCHW=std,
-            text_BLD=torch.stack([t for t in text_rows if t is not None]),
-            mask_BL=torch.stack([m for m in mask_rows if m is not None]),
+            text_BLD=text_BLD,
+            mask_BL=mask_BL,
             features=features,
             sample_ids=[int(self.samples["ids"][p]) for p in positions],
         )
