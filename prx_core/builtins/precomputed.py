@@ -267,7 +267,6 @@ class PrecomputedSource:
         return raw
 
     def _read(self, request: BatchRequest) -> RawBatch:
-
         from prx_core.data.order import OrderPlan
         from prx_core.slots import RawBatch
 

@@ -11,7 +11,8 @@ targets). Under ``torchrun`` the training indices are dealt round-robin over the
 Each process encodes its items bucket by bucket and writes one safetensors shard per
 ``--shard-size`` items of a bucket, atomically, recording it in its progress log; rerunning the
 same command after a kill skips every recorded shard. Rank 0 also stores the held-out set (latents,
-the states of one caption key, the uint8 images) and the empty prompt, then ``index.json``.
+the states of one caption key, the uint8 images) and the empty prompt, then the sample table and
+``index.json``.
 Train from the result with ``[data] use = "precomputed"`` and ``path = DIR``.
 """
 
