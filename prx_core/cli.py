@@ -13,6 +13,7 @@ Torch is imported only by the commands that need it, so ``check`` and ``plugins`
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import sys
@@ -147,24 +148,32 @@ def cmd_train(argv: list[str]) -> int:
     run_dir = args.run_dir or Path("runs") / recipe.name
     started = time.perf_counter()
     finished = False
+    trainer: Trainer | None = None
     try:
         if recipe.stages:
             from prx_core.stages import run_stages
 
             staged = run_stages(recipe, run_dir, args.resume, args.allow_drift, sys.argv)
             trainer, result, output_dir = staged.trainer, staged.fit, staged.stage_dir
+            del staged
         else:
             trainer = Trainer(recipe, run_dir, resume=args.resume, allow_drift=args.allow_drift, command=sys.argv)
             trainer.setup()
             result = trainer.fit()
             output_dir = run_dir
+        is_main = trainer.dist.is_main
         finished = True
     except (TrainingError, RecipeError) as err:
         print(f"prx-run: {err}", file=sys.stderr)
         return 1
     finally:
+        # The trainer's DDP/FSDP wrappers hold the process group and gloo's last work objects.
+        # Free them while the interpreter is whole, so the group really goes in shutdown():
+        # left to interpreter teardown, gloo's threads can abort the process (std::terminate).
+        trainer = None
+        gc.collect()
         shutdown(finished)
-    if not trainer.dist.is_main:
+    if not is_main:
         return 0
     minutes = (time.perf_counter() - started) / 60
     state = "stopped early at" if result.stopped_early else "finished"

@@ -456,6 +456,21 @@ def test_prx_run_precompute_then_train_twenty_steps_from_the_shards(vae_dir: Pat
     assert (tmp_path / "run" / "samples" / "step_00000020.png").is_file()  # towers loaded on demand
     assert "eval/loss" in lines[-1]
 
+    # Two gloo ranks train from the same shards (each reading ahead its own share); dropping the
+    # last checkpoint and resuming replays the same losses.
+    import shutil
+
+    two = ["--set", "train.steps=4", "--set", "train.checkpoint_every=2", "--set", "train.log_every=1"]
+    two += ["--set", "train.sample_every=0", "--set", "eval.at_end=false"]
+    prx_run("out/train.toml", "--run-dir", "run2", *two, cwd=tmp_path, nproc=2)
+    first = [json.loads(x) for x in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in first if "loss" in x]
+    assert len(losses) == 4 and all(0 < loss < 10 for loss in losses)
+    shutil.rmtree(tmp_path / "run2" / "checkpoints" / "step_00000004")
+    prx_run("out/train.toml", "--run-dir", "run2", "--resume", "auto", *two, cwd=tmp_path, nproc=2)
+    again = [json.loads(x) for x in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["loss"] for x in again if "loss" in x] == losses
+
 
 def test_two_processes_precompute_the_same_samples_as_one(site: Path, vae_dir: Path, tmp_path: Path) -> None:
     source = write_recipe(tmp_path / "r", _source_patch(vae_dir))
