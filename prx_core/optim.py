@@ -16,13 +16,13 @@ than ``state_dtype``; fp32 weights keep the plain fused/foreach ``torch.optim.Ad
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
 
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["StateDtypeAdamW"]
+__all__ = ["StateDtypeAdamW", "adamw_step", "load_state_keeping_dtype"]
 
 #: Elements per foreach call: bounds the transient ``state_dtype`` copies of weights and the
 #: denominator (2 × 4 bytes × this = 512 MiB at fp32) whatever the model size.
@@ -83,54 +83,82 @@ class StateDtypeAdamW(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            bucket: list[torch.Tensor] = []
-            size = 0
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamW does not support sparse gradients")
-                bucket.append(p)
-                size += p.numel()
-                if size >= self.bucket_elements:
-                    self._update(bucket, group)
-                    bucket, size = [], 0
-            if bucket:
-                self._update(bucket, group)
+            adamw_step(self.state, params, group, self.state_dtype, self.bucket_elements)
         return loss
 
-    def _update(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
-        """One AdamW step for ``params``: ``torch.optim.AdamW``'s foreach arithmetic in ``state_dtype``."""
-        beta1, beta2 = group["betas"]
-        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-        exp_avgs, exp_avg_sqs, steps = [], [], []
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.state_dtype, memory_format=torch.preserve_format)
-            state["step"] += 1
-            steps.append(state["step"])
-            exp_avgs.append(_local(state["exp_avg"]))
-            exp_avg_sqs.append(_local(state["exp_avg_sq"]))
-        stored = [_local(p) for p in params]
-        # Transient state_dtype copies (not kept between steps: no master weights, see the module doc).
-        weights = [w.to(self.state_dtype) for w in stored]
-        grads = [_local(cast(torch.Tensor, p.grad)).to(self.state_dtype) for p in params]
-        if weight_decay:
-            torch._foreach_mul_(weights, 1 - lr * weight_decay)
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-        del grads
-        step_size = [-(lr / (1 - beta1**s)) for s in steps]
-        bias_correction2_sqrt = [(1 - beta2**s) ** 0.5 for s in steps]
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, bias_correction2_sqrt)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_addcdiv_(weights, exp_avgs, denom, step_size)
-        del denom
-        # The one rounding into the storage dtype (round to nearest even).
-        torch._foreach_copy_(stored, weights)
+
+def adamw_step(
+    state: Any,
+    params: list[torch.Tensor],
+    group: Mapping[str, Any],
+    state_dtype: torch.dtype | None,
+    bucket_elements: int = BUCKET_ELEMENTS,
+) -> None:
+    """One AdamW step for ``params`` (all with gradients), in buckets of ``bucket_elements``.
+
+    ``state`` is the optimizer's per-parameter state; moments are created in ``state_dtype``
+    (None: each parameter's dtype, as ``torch.optim`` does). Shared by :class:`StateDtypeAdamW`
+    and plugin optimizers with an AdamW group (Muon's), so both round bf16 weights once.
+    """
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for p in params:
+        if cast(torch.Tensor, p.grad).is_sparse:
+            raise RuntimeError("AdamW does not support sparse gradients")
+        bucket.append(p)
+        size += p.numel()
+        if size >= bucket_elements:
+            _adamw_update(state, bucket, group, state_dtype)
+            bucket, size = [], 0
+    if bucket:
+        _adamw_update(state, bucket, group, state_dtype)
+
+
+def _adamw_update(
+    state: Any, params: list[torch.Tensor], group: Mapping[str, Any], state_dtype: torch.dtype | None
+) -> None:
+    """``torch.optim.AdamW``'s foreach arithmetic, in the moments' dtype.
+
+    Weights stored in that dtype are updated in place, op for op as torch does (bitwise equal).
+    Narrower weights (bf16 under ``bf16_weights``) are read into a transient copy in the moments'
+    dtype, updated there (decay, moments, bias correction, addcdiv) and rounded back once.
+    """
+    beta1, beta2 = group["betas"]
+    lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
+    exp_avgs, exp_avg_sqs, steps = [], [], []
+    for p in params:
+        param_state = state[p]
+        if not param_state:
+            dtype = state_dtype if state_dtype is not None else p.dtype
+            param_state["step"] = 0
+            param_state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            param_state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        param_state["step"] += 1
+        steps.append(param_state["step"])
+        exp_avgs.append(_local(param_state["exp_avg"]))
+        exp_avg_sqs.append(_local(param_state["exp_avg_sq"]))
+    stored = [_local(p) for p in params]
+    # Transient copies only where the dtypes differ (``to`` returns the tensor itself otherwise);
+    # nothing is kept between steps: no master weights, see the module doc.
+    weights = [w.to(m.dtype) for w, m in zip(stored, exp_avgs, strict=True)]
+    grads = [_local(cast(torch.Tensor, p.grad)).to(m.dtype) for p, m in zip(params, exp_avgs, strict=True)]
+    if weight_decay:
+        torch._foreach_mul_(weights, 1 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    del grads
+    step_size = [-(lr / (1 - beta1**s)) for s in steps]
+    bias_correction2_sqrt = [(1 - beta2**s) ** 0.5 for s in steps]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(weights, exp_avgs, denom, step_size)
+    del denom
+    # The one rounding into the storage dtype (round to nearest even), where there is one.
+    narrowed = [(s, w) for s, w in zip(stored, weights, strict=True) if w is not s]
+    if narrowed:
+        torch._foreach_copy_([s for s, _ in narrowed], [w for _, w in narrowed])
 
 
 def load_state_keeping_dtype(

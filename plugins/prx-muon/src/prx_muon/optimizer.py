@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from prx_core.optim import load_state_keeping_dtype
+from prx_core.optim import adamw_step, load_state_keeping_dtype
 from prx_muon.newton_schulz import NS_COEFFICIENTS, NS_EPS, newton_schulz, update_scale
 
 try:
@@ -336,45 +336,5 @@ class MuonAdamW(Optimizer):
         return torch.stack(shards)
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
-        """``torch.optim.AdamW`` (foreach, non-capturable), op for op, with moments in ``state_dtype``."""
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        beta1, beta2 = group["betas"]
-        lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-        exp_avgs, exp_avg_sqs, steps = [], [], []
-        for p in params:
-            if p.grad.is_sparse:
-                raise RuntimeError("AdamW does not support sparse gradients")
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = self._zeros_state(p)
-                state["exp_avg_sq"] = self._zeros_state(p)
-            state["step"] += 1
-            steps.append(state["step"])
-            exp_avgs.append(_local(state["exp_avg"]))
-            exp_avg_sqs.append(_local(state["exp_avg_sq"]))
-        locals_ = [_local(p) for p in params]
-        grads = [_local(p.grad).to(m.dtype) for p, m in zip(params, exp_avgs, strict=True)]
-        if weight_decay:
-            torch._foreach_mul_(locals_, 1 - lr * weight_decay)
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-        del grads
-        bias_correction1 = [1 - beta1**s for s in steps]
-        bias_correction2 = [1 - beta2**s for s in steps]
-        step_size = [(lr / bc) * -1 for bc in bias_correction1]
-        bias_correction2_sqrt = [bc**0.5 for bc in bias_correction2]
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, bias_correction2_sqrt)
-        torch._foreach_add_(denom, eps)
-        if all(p.dtype == m.dtype for p, m in zip(locals_, exp_avgs, strict=True)):
-            torch._foreach_addcdiv_(locals_, exp_avgs, denom, step_size)
-            return
-        # Weights stored in a narrower dtype than the state (bf16_weights): form the update in
-        # the state dtype and round once, when it is added to the weight.
-        updates = torch._foreach_div(exp_avgs, denom)
-        torch._foreach_mul_(updates, step_size)
-        torch._foreach_add_(locals_, updates)
+        """``torch.optim.AdamW`` (foreach), op for op, with moments in ``state_dtype`` (core's)."""
+        adamw_step(self.state, [p for p in group["params"] if p.grad is not None], group, self.state_dtype)
