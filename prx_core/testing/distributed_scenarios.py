@@ -36,7 +36,8 @@ def _params(trainer: Trainer) -> torch.Tensor:
     return torch.cat([v.detach().float().flatten().cpu() for _, v in sorted(state.items())])
 
 
-def resume_scenarios(rank: int, world: int, port: int, workdir: str, strategy: str) -> None:
+def _join_gloo_world(rank: int, world: int, port: int, **extra: str) -> None:
+    """The environment ``torchrun`` would give this rank (plus ``extra``), one torch thread per rank."""
     os.environ.update(
         {
             "RANK": str(rank),
@@ -46,9 +47,14 @@ def resume_scenarios(rank: int, world: int, port: int, workdir: str, strategy: s
             "MASTER_PORT": str(port),
             "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "1",
+            **extra,
         }
     )
     torch.set_num_threads(1)
+
+
+def resume_scenarios(rank: int, world: int, port: int, workdir: str, strategy: str) -> None:
+    _join_gloo_world(rank, world, port)
     import torch.distributed as dist
 
     from prx_core.testing.fixtures import make_trainer, run_steps, tiny_recipe
@@ -130,19 +136,7 @@ def muon_scenarios(rank: int, world: int, port: int, workdir: str, strategy: str
     ``train.compile = "blocks"`` (``aot_eager`` backend), compiled after DDP/FSDP2 wrapping: must
     match the eager run to rounding. Results go to ``muon_<strategy>_<rank>.json``.
     """
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "HF_HUB_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1",
-            "PRX_COMPILE_BACKEND": "aot_eager",
-        }
-    )
-    torch.set_num_threads(1)
+    _join_gloo_world(rank, world, port, PRX_COMPILE_BACKEND="aot_eager")
     from prx_core.testing.fixtures import make_trainer, run_steps, tiny_recipe
 
     out: dict[str, object] = {}

@@ -36,18 +36,25 @@ def _grads(module: torch.nn.Module, step: int) -> None:
         p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
 
 
+Trained = tuple[torch.nn.Module, torch.optim.Optimizer]
+
+
+def _assert_same_steps(first: Trained, second: Trained, steps: int) -> None:
+    """Step both optimizers on the same gradients; the weights must stay bitwise equal."""
+    for step in range(steps):
+        for module, optimizer in (first, second):
+            _grads(module, step)
+            optimizer.step()
+    for a, b in zip(first[0].parameters(), second[0].parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_fp32_weights_get_torch_adamw_bitwise() -> None:
     ours_module, ref_module = _module(torch.float32), _module(torch.float32)
     ours = _build(CONFIG, _run(ours_module, torch.float32))
     assert type(ours) is torch.optim.AdamW  # the plain torch path, untouched
     ref = torch.optim.AdamW(ref_module.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    for step in range(3):
-        _grads(ours_module, step)
-        _grads(ref_module, step)
-        ours.step()
-        ref.step()
-    for a, b in zip(ours_module.parameters(), ref_module.parameters(), strict=True):
-        assert torch.equal(a, b)
+    _assert_same_steps((ours_module, ours), (ref_module, ref), steps=3)
 
 
 def test_bf16_weights_equal_an_fp32_reference_rounded_to_bf16() -> None:
@@ -115,13 +122,7 @@ def test_buckets_do_not_change_the_result() -> None:
     a, b = _module(torch.bfloat16), _module(torch.bfloat16)
     whole = StateDtypeAdamW(a.parameters(), state_dtype=torch.float32, lr=1e-2)
     split = StateDtypeAdamW(b.parameters(), state_dtype=torch.float32, lr=1e-2, bucket_elements=7)
-    for step in range(2):
-        _grads(a, step)
-        _grads(b, step)
-        whole.step()
-        split.step()
-    for x, y in zip(a.parameters(), b.parameters(), strict=True):
-        assert torch.equal(x, y)
+    _assert_same_steps((a, whole), (b, split), steps=2)
 
 
 def test_rejects_bad_arguments() -> None:
