@@ -324,7 +324,10 @@ class IndexedSource:
 
         from prx_core.slots import RawBatch
 
-        plan, chunk, indices, keys = self._resolve(request)
+        plan, chunk, indices = self._resolve(request)
+        keys = pick_caption_keys(
+            self._weights, request.size, generator_for(self.seed, "captions", request.first_sample())
+        )
         target = self.bucket_of(indices[0])
         fetched = self._take_ahead(request, indices, target) or self._fetch_many(indices, target)
         if self.config.read_ahead:
@@ -389,13 +392,11 @@ class IndexedSource:
 
     # ------------------------------------------------------------------ internals
 
-    def _resolve(self, request: BatchRequest) -> tuple[OrderPlan, int, list[int], list[str]]:
-        """The order plan, chunk, item indices and drawn caption keys of ``request`` (pure)."""
+    def _resolve(self, request: BatchRequest) -> tuple[OrderPlan, int, list[int]]:
+        """The order plan, chunk and item indices of ``request`` (pure)."""
         plan = self._plan(request.size)
-        first = request.first_sample()
-        chunk = first // request.size
-        keys = pick_caption_keys(self._weights, request.size, generator_for(self.seed, "captions", first))
-        return plan, chunk, [int(self._train_N[p]) for p in plan.chunk(chunk)], keys
+        chunk = request.first_sample() // request.size
+        return plan, chunk, [int(self._train_N[p]) for p in plan.chunk(chunk)]
 
     def _read_ahead(self, request: BatchRequest) -> None:
         """Start decoding ``request``'s items in the pool, to be taken by the next :meth:`batch`.
@@ -406,7 +407,7 @@ class IndexedSource:
         same sequence of events either way.
         """
         self._drop_ahead()
-        _, _, indices, _ = self._resolve(request)
+        _, _, indices = self._resolve(request)
         target = self.bucket_of(indices[0])
         pool = self._ensure_pool()
         futures = [pool.submit(self._fetch, index, target) for index in indices]
@@ -600,21 +601,18 @@ class IndexedSource:
         return f"skipped by reason: {by_reason}; first bad items: {examples}"
 
     def _check_index_ratio(self) -> None:
-        files, excluded = self._counts["index/files"], self._counts["index/excluded"]
-        if files >= self.config.min_seen and excluded / files > self.config.max_skip_ratio:
-            raise DataQualityError(
-                f"{self.kind}: {excluded} of {files} items ({_percent(excluded / files)}) are unusable, more than "
-                f"max_skip_ratio = {_percent(self.config.max_skip_ratio)}; {self._summary()}. Fix or remove those "
-                "files, or raise data.max_skip_ratio"
-            )
+        self._check_ratio(self._counts["index/excluded"], self._counts["index/files"], "items", "are unusable")
 
     def _check_load_ratio(self) -> None:
-        loaded, skipped = self._counts["loaded"], self._counts["load_skipped"]
-        if loaded >= self.config.min_seen and skipped / loaded > self.config.max_skip_ratio:
+        self._check_ratio(self._counts["load_skipped"], self._counts["loaded"], "items loaded", "were skipped")
+
+    def _check_ratio(self, bad: int, seen: int, what: str, verdict: str) -> None:
+        """Stop once more than ``max_skip_ratio`` of at least ``min_seen`` items is bad."""
+        if seen >= self.config.min_seen and bad / seen > self.config.max_skip_ratio:
             raise DataQualityError(
-                f"{self.kind}: {skipped} of {loaded} items loaded ({_percent(skipped / loaded)}) were skipped, more "
-                f"than max_skip_ratio = {_percent(self.config.max_skip_ratio)}; {self._summary()}. Fix or remove "
-                "those files, or raise data.max_skip_ratio"
+                f"{self.kind}: {bad} of {seen} {what} ({_percent(bad / seen)}) {verdict}, more than "
+                f"max_skip_ratio = {_percent(self.config.max_skip_ratio)}; {self._summary()}. Fix or remove those "
+                "files, or raise data.max_skip_ratio"
             )
 
     def _make_fingerprint(self, content: Iterable[str]) -> str:
