@@ -13,7 +13,6 @@ Torch is imported only by the commands that need it, so ``check`` and ``plugins`
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import logging
 import sys
@@ -167,11 +166,8 @@ def cmd_train(argv: list[str]) -> int:
         print(f"prx-run: {err}", file=sys.stderr)
         return 1
     finally:
-        # The trainer's DDP/FSDP wrappers hold the process group and gloo's last work objects.
-        # Free them while the interpreter is whole, so the group really goes in shutdown():
-        # left to interpreter teardown, gloo's threads can abort the process (std::terminate).
+        # Drop the trainer, so shutdown() frees its DDP/FSDP wrappers before leaving the group.
         trainer = None
-        gc.collect()
         shutdown(finished)
     if not is_main:
         return 0

@@ -12,6 +12,7 @@ FSDP2's unshard/reshard hooks then see every forward.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -65,6 +66,10 @@ def shutdown(finished: bool = True) -> None:
             if finished:
                 dist.barrier()
         finally:
+            # DDP/FSDP wrappers hold the group and gloo's last work objects; those already dropped
+            # but kept alive by reference cycles go now, while the interpreter is whole. Freed
+            # during interpreter teardown instead, gloo's threads can abort the process at exit.
+            gc.collect()
             dist.destroy_process_group()
 
 

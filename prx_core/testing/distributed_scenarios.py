@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,78 +54,91 @@ def _join_gloo_world(rank: int, world: int, port: int, **extra: str) -> None:
     torch.set_num_threads(1)
 
 
+def _run_scenario(
+    rank: int, world: int, port: int, result: Path, body: Callable[..., dict[str, object]], strategy: str, **env: str
+) -> None:
+    """Join the gloo world, run ``body``, write what it found (or its traceback) to ``result``, leave.
+
+    ``body`` returns before the group is left, so its trainers (and their DDP/FSDP wrappers, which
+    hold the group) are gone by then, as at the end of ``prx-run``.
+    """
+    _join_gloo_world(rank, world, port, **env)
+    try:
+        out = body(rank, world, result.parent, strategy)
+    except Exception:  # report to the parent, which asserts
+        out = {"error": traceback.format_exc()}
+    result.write_text(json.dumps(out))
+    from prx_core.distributed import shutdown
+
+    shutdown()
+
+
 def resume_scenarios(rank: int, world: int, port: int, workdir: str, strategy: str) -> None:
-    _join_gloo_world(rank, world, port)
+    _run_scenario(rank, world, port, Path(workdir) / f"result_{strategy}_{rank}.json", _resume_body, strategy)
+
+
+def _resume_body(rank: int, world: int, root: Path, strategy: str) -> dict[str, object]:
     import torch.distributed as dist
 
     from prx_core.testing.fixtures import make_trainer, run_steps, tiny_recipe
 
     out: dict[str, object] = {}
-    root = Path(workdir)
-    try:
-        patch = {"train": {"parallel": strategy, "steps": 6, "checkpoint_every": 100}}
-        recipe_dir = root / f"recipe_rank{rank}"
+    patch = {"train": {"parallel": strategy, "steps": 6, "checkpoint_every": 100}}
+    recipe_dir = root / f"recipe_rank{rank}"
 
-        # 1. Straight: 4 steps.
-        straight = make_trainer(tiny_recipe(recipe_dir, patch), root / "straight")
-        out["straight_losses"] = run_steps(straight, 4)
-        out["straight_params"] = _params(straight).tolist()
-        # Gradient sync: every rank holds the same weights after the steps (they saw different data).
-        # Under FSDP2 each rank holds a shard, so compare the local parameters' checksum under DDP only.
-        if strategy == "ddp":
-            local = (
-                torch.cat([p.detach().flatten() for p in straight.run.require("trainable").parameters()])
-                .sum()
-                .reshape(1)
-            )
-            gathered = [torch.zeros(1) for _ in range(world)]
-            dist.all_gather(gathered, local)
-            out["params_agree_across_ranks"] = all(torch.equal(g, gathered[0]) for g in gathered)
-        else:
-            out["params_agree_across_ranks"] = True
-        from prx_core.slots import BatchRequest
+    # 1. Straight: 4 steps.
+    straight = make_trainer(tiny_recipe(recipe_dir, patch), root / "straight")
+    out["straight_losses"] = run_steps(straight, 4)
+    out["straight_params"] = _params(straight).tolist()
+    # Gradient sync: every rank holds the same weights after the steps (they saw different data).
+    # Under FSDP2 each rank holds a shard, so compare the local parameters' checksum under DDP only.
+    if strategy == "ddp":
+        local = (
+            torch.cat([p.detach().flatten() for p in straight.run.require("trainable").parameters()]).sum().reshape(1)
+        )
+        gathered = [torch.zeros(1) for _ in range(world)]
+        dist.all_gather(gathered, local)
+        out["params_agree_across_ranks"] = all(torch.equal(g, gathered[0]) for g in gathered)
+    else:
+        out["params_agree_across_ranks"] = True
+    from prx_core.slots import BatchRequest
 
-        request = BatchRequest(step=0, micro_step=0, accumulation=1, rank=rank, world_size=world, size=2, seed=0)
-        out["first_sample"] = request.first_sample()
+    request = BatchRequest(step=0, micro_step=0, accumulation=1, rank=rank, world_size=world, size=2, seed=0)
+    out["first_sample"] = request.first_sample()
 
-        # 2. Two steps, checkpoint, a fresh trainer resumes, two more steps.
-        first = make_trainer(tiny_recipe(recipe_dir, patch), root / "resumed")
-        run_steps(first, 2)
-        first.save()
-        second = make_trainer(tiny_recipe(recipe_dir, patch), root / "resumed", resume="auto")
-        out["resumed_at"] = second.step
-        out["resumed_losses"] = run_steps(first, 0) + run_steps(second, 2)
-        out["resumed_params"] = _params(second).tolist()
+    # 2. Two steps, checkpoint, a fresh trainer resumes, two more steps.
+    first = make_trainer(tiny_recipe(recipe_dir, patch), root / "resumed")
+    run_steps(first, 2)
+    first.save()
+    second = make_trainer(tiny_recipe(recipe_dir, patch), root / "resumed", resume="auto")
+    out["resumed_at"] = second.step
+    out["resumed_losses"] = run_steps(first, 0) + run_steps(second, 2)
+    out["resumed_params"] = _params(second).tolist()
 
-        # 3. Negative control: drop the data position (restart at step 0 with the resumed weights).
-        control = make_trainer(tiny_recipe(recipe_dir, patch), root / "resumed", resume="auto")
-        control.step = 0
-        out["control_losses"] = run_steps(control, 2)
-        # Gradient-norm consistency: every rank clips with the same global norm.
-        _, _, grad_norm = control.train_step(control.step)
-        out["grad_norm"] = grad_norm.item()
+    # 3. Negative control: drop the data position (restart at step 0 with the resumed weights).
+    control = make_trainer(tiny_recipe(recipe_dir, patch), root / "resumed", resume="auto")
+    control.step = 0
+    out["control_losses"] = run_steps(control, 2)
+    # Gradient-norm consistency: every rank clips with the same global norm.
+    _, _, grad_norm = control.train_step(control.step)
+    out["grad_norm"] = grad_norm.item()
 
-        # 4. A signal that reaches one rank only: both ranks stop at the same step boundary and save.
-        stopper = make_trainer(tiny_recipe(recipe_dir, patch), root / "stopped")
-        original = stopper.train_step
+    # 4. A signal that reaches one rank only: both ranks stop at the same step boundary and save.
+    stopper = make_trainer(tiny_recipe(recipe_dir, patch), root / "stopped")
+    original = stopper.train_step
 
-        def train_step(step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-            result = original(step)
-            if rank == 1 and step == 1:
-                signal.raise_signal(signal.SIGTERM)
-            return result
+    def train_step(step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        result = original(step)
+        if rank == 1 and step == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return result
 
-        stopper.train_step = train_step  # type: ignore[method-assign]
-        fit = stopper.fit()
-        out["stopped_at"] = fit.step
-        out["stopped_early"] = fit.stopped_early
-        out["checkpoints"] = [c.step for c in stopper.checkpoints.committed()]
-    except Exception:  # report to the parent, which asserts
-        out["error"] = traceback.format_exc()
-    (root / f"result_{strategy}_{rank}.json").write_text(json.dumps(out))
-    from prx_core.distributed import shutdown
-
-    shutdown()
+    stopper.train_step = train_step  # type: ignore[method-assign]
+    fit = stopper.fit()
+    out["stopped_at"] = fit.step
+    out["stopped_early"] = fit.stopped_early
+    out["checkpoints"] = [c.step for c in stopper.checkpoints.committed()]
+    return out
 
 
 def muon_scenarios(rank: int, world: int, port: int, workdir: str, strategy: str) -> None:
@@ -136,39 +150,36 @@ def muon_scenarios(rank: int, world: int, port: int, workdir: str, strategy: str
     ``train.compile = "blocks"`` (``aot_eager`` backend), compiled after DDP/FSDP2 wrapping: must
     match the eager run to rounding. Results go to ``muon_<strategy>_<rank>.json``.
     """
-    _join_gloo_world(rank, world, port, PRX_COMPILE_BACKEND="aot_eager")
+    result = Path(workdir) / f"muon_{strategy}_{rank}.json"
+    _run_scenario(rank, world, port, result, _muon_body, strategy, PRX_COMPILE_BACKEND="aot_eager")
+
+
+def _muon_body(rank: int, world: int, root: Path, strategy: str) -> dict[str, object]:
     from prx_core.testing.fixtures import make_trainer, run_steps, tiny_recipe
 
     out: dict[str, object] = {}
-    root = Path(workdir)
-    try:
-        patch = {
-            "train": {"parallel": strategy, "steps": 6, "checkpoint_every": 100},
-            "optimizer": {"use": "muon", "lr": 1e-3},
-        }
-        recipe_dir = root / f"recipe_rank{rank}"
-        straight = make_trainer(tiny_recipe(recipe_dir, patch), root / "straight")
-        out["optimizer"] = type(straight.optimizer).__name__
-        out["groups"] = [len(g["params"]) for g in straight.optimizer.param_groups]
-        losses = run_steps(straight, 2)
-        straight.save()
-        out["straight_losses"] = losses + run_steps(straight, 2)
-        out["straight_params"] = _params(straight).tolist()
+    patch = {
+        "train": {"parallel": strategy, "steps": 6, "checkpoint_every": 100},
+        "optimizer": {"use": "muon", "lr": 1e-3},
+    }
+    recipe_dir = root / f"recipe_rank{rank}"
+    straight = make_trainer(tiny_recipe(recipe_dir, patch), root / "straight")
+    out["optimizer"] = type(straight.optimizer).__name__
+    out["groups"] = [len(g["params"]) for g in straight.optimizer.param_groups]
+    losses = run_steps(straight, 2)
+    straight.save()
+    out["straight_losses"] = losses + run_steps(straight, 2)
+    out["straight_params"] = _params(straight).tolist()
 
-        second = make_trainer(tiny_recipe(recipe_dir, patch), root / "straight", resume="auto")
-        out["resumed_at"] = second.step
-        out["resumed_losses"] = run_steps(second, 2)
-        out["resumed_params"] = _params(second).tolist()
+    second = make_trainer(tiny_recipe(recipe_dir, patch), root / "straight", resume="auto")
+    out["resumed_at"] = second.step
+    out["resumed_losses"] = run_steps(second, 2)
+    out["resumed_params"] = _params(second).tolist()
 
-        compiled_patch = {**patch, "train": {**patch["train"], "compile": "blocks"}}
-        compiled = make_trainer(tiny_recipe(root / f"compiled_rank{rank}", compiled_patch), root / "compiled")
-        blocks = compiled.run.require("trainable").model.blocks
-        out["blocks_compiled"] = all(block._compiled_call_impl is not None for block in blocks)
-        out["compiled_losses"] = run_steps(compiled, 4)
-        out["compiled_params"] = _params(compiled).tolist()
-    except Exception:  # report to the parent, which asserts
-        out["error"] = traceback.format_exc()
-    (root / f"muon_{strategy}_{rank}.json").write_text(json.dumps(out))
-    from prx_core.distributed import shutdown
-
-    shutdown()
+    compiled_patch = {**patch, "train": {**patch["train"], "compile": "blocks"}}
+    compiled = make_trainer(tiny_recipe(root / f"compiled_rank{rank}", compiled_patch), root / "compiled")
+    blocks = compiled.run.require("trainable").model.blocks
+    out["blocks_compiled"] = all(block._compiled_call_impl is not None for block in blocks)
+    out["compiled_losses"] = run_steps(compiled, 4)
+    out["compiled_params"] = _params(compiled).tolist()
+    return out

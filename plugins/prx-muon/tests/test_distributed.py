@@ -76,6 +76,14 @@ def _compare(name: str, got: torch.nn.Module, want: torch.nn.Module) -> None:
 def _worker(rank: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
+    _scenarios(rank)
+    # The scenarios' DDP/FSDP modules are gone once they return; then leave the group together.
+    from prx_core.distributed import shutdown
+
+    shutdown()
+
+
+def _scenarios(rank: int) -> None:
     from prx_muon.optimizer import MuonAdamW
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -173,7 +181,6 @@ def _worker(rank: int, init_file: str) -> None:
     _train(hybrid, hybrid_opt, range(STEPS))
     _compare("hsdp", hybrid, reference)
     assert calls.get("_orthogonalise_gathered") == 4 * STEPS, calls
-    dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
