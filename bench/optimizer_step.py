@@ -11,7 +11,7 @@ all candidates are built up front (state of about 8× the fp32 parameter bytes i
 for the full shapes), take turns step by step, and the table reports each one's median and best step
 times over ``--steps`` rounds after ``--warmup`` untimed steps.
 
-Candidates, on the same two parameter sets as the reference setup (SPEC §4: Muon for the 2-D
+Candidates, on the same two parameter sets as the reference setup (reference.md §4: Muon for the 2-D
 block weights, AdamW for the rest):
 
 * ``prx muon (blocks)``       prx_muon.MuonAdamW, Muon group only, as a run uses it (``ns_max_batch = "auto"``:

@@ -10,7 +10,7 @@ and timesteps, loss = mean(out²). Parameters are random (PRX zero-initialises i
 final layer, which would make the backward trivial). Rows, side by side in one run:
 
 * ``none``                 no router: every token runs every block
-* ``tread p=0.5``          TREAD, half the image tokens skip blocks start..end (SPEC §4)
+* ``tread p=0.5``          TREAD, half the image tokens skip blocks start..end (reference.md §4)
 * ``sprint p=0.75``        SPRINT, three quarters skip, plus the Linear 2H→H fusion after ``end``
 
 The routers are built the way a run builds them: through the ``prx`` entry points and the
@@ -49,13 +49,13 @@ PRESETS: dict[str, tuple[int, int, int, tuple[int, int], int, int, int]] = {
     "small": (512, 8, 8, (32, 32), 512, 128, 4),
     "full": (1792, 16, 28, (32, 32), 2304, 256, 4),
 }
-#: 16-channel latents with patch 2 (FLUX VAE, SPEC §1): 32×32 latents are 256 tokens, 64×64 are 1024.
+#: 16-channel latents with patch 2 (FLUX VAE, reference.md §1): 32×32 latents are 256 tokens, 64×64 are 1024.
 LATENT_CHANNELS, PATCH = 16, 2
 TOKEN_COUNTS = (256, 1024)
 
 
 def default_span(depth: int) -> tuple[int, int]:
-    """SPEC §4's span 2..12 of 16 blocks, scaled to ``depth``."""
+    """reference.md §4's span 2..12 of 16 blocks, scaled to ``depth``."""
     return max(0, round(2 * depth / 16)), min(depth - 1, round(12 * depth / 16))
 
 
@@ -80,8 +80,12 @@ def main() -> None:
     size.add_argument("--full", action="store_true", help="the real PRX-1.2B shapes (GPU)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--batch", type=int, default=None, help="samples per step (preset default)")
-    parser.add_argument("--start", type=int, default=None, help="first routed block (default: SPEC's 2/16 of depth)")
-    parser.add_argument("--end", type=int, default=None, help="last routed block (default: SPEC's 12/16 of depth)")
+    parser.add_argument(
+        "--start", type=int, default=None, help="first routed block (default: 2/16 of depth, as published)"
+    )
+    parser.add_argument(
+        "--end", type=int, default=None, help="last routed block (default: 12/16 of depth, as published)"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed rounds (each variant one step per round)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -19,7 +19,7 @@ Two rows, one after the other in the same process (so each gets the whole accele
   backward, ``clip_grad_norm_`` (foreach), ``torch.optim.AdamW`` (fused on CUDA), t and noise drawn
   on the device.
 
-Sizes (SPEC §1): ``256``: 16-channel 32×32 latents, patch 2 (256 image tokens); ``pixel1024``: RGB
+Sizes (reference.md §1): ``256``: 16-channel 32×32 latents, patch 2 (256 image tokens); ``pixel1024``: RGB
 1024×1024, patch 32, bottleneck 256 (1024 image tokens), timestep shift 3; both with 256 text tokens
 of 2304 dims, 128 of them real. ``--tiny``: hidden 64, depth 2, 2 heads, 64-d text of 32 tokens,
 same image token counts.

@@ -2,7 +2,7 @@
 
 Every table in a recipe ends up in a dataclass: core's own sections and every plugin's
 ``Config``. Binding is strict because the reference trainer silently ignored misplaced keys
-(SPEC §7.5): an unknown key or a wrong type is an error that names the file, the dotted key,
+(reference.md §7.5): an unknown key or a wrong type is an error that names the file, the dotted key,
 and the closest valid key.
 """
 

@@ -104,7 +104,7 @@ class ForwardContext:
     ``extras`` are the plugin modules *of the weights being run*: the trained ones in a training
     step, the EMA copy when sampling with EMA. Seams must take their modules from here, never
     from ``run.trainable``, so that sampling with EMA weights uses EMA plugin modules too
-    (the reference got this wrong for SPRINT and resolution-aware, SPEC §7.8).
+    (the reference got this wrong for SPRINT and resolution-aware, reference.md §7.8).
     """
 
     stash: Stash

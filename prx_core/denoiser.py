@@ -8,7 +8,7 @@ nothing is routed, so trained weights still load in ``PRXPipeline``.
 The text padding mask reaches attention as a boolean ``[B, L_txt]`` mask; diffusers' PRX
 attention processor appends the (all-True) image keys and hands SDPA a broadcastable
 ``[B, 1, 1, L_txt + L_img]`` boolean mask, never a materialised ``B × heads × L × L`` float bias
-(SPEC §7.10; ``tests/unit/test_attention_mask.py`` intercepts SDPA to keep it so).
+(reference.md §7.10; ``tests/unit/test_attention_mask.py`` intercepts SDPA to keep it so).
 
 :func:`compile_blocks` is ``train.compile = "blocks"``: regional compilation of each transformer
 block in place, so parameter names, checkpoints and exports do not change.
@@ -81,6 +81,11 @@ def denoise(
     * Blocks listed in ``captures`` publish their output tokens in ``ctx.stash[CAPTURED_FEATURES]``.
     * ``conditioning`` seams may change text tokens, mask and time vector before the blocks.
     """
+    weight_dtype = model.img_in.weight.dtype
+    if weight_dtype != x_t_BCHW.dtype and not torch.is_autocast_enabled(x_t_BCHW.device.type):
+        # x_t and the text states arrive in fp32 whatever the weights' dtype; without autocast,
+        # bf16-stored weights (``bf16_weights`` with autocast off) need their inputs in bf16.
+        x_t_BCHW, text_BLD = x_t_BCHW.to(weight_dtype), text_BLD.to(weight_dtype)
     txt_BTH = model.txt_in(text_BLD)
     img_BLH = model.img_in(img2seq(x_t_BCHW, model.patch_size))
     batch, _, height, width = x_t_BCHW.shape

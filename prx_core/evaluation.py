@@ -1,4 +1,4 @@
-"""Evaluation: validation loss per timestep bin and the recipe's metrics (SPEC §3, §6).
+"""Evaluation: validation loss per timestep bin and the recipe's metrics (reference.md §3, §6).
 
 Every rank takes a strided share of the held-out items (captions and real images), generates
 its images with per-item seeded noise, and computes metric features; rank 0 scores the gathered
@@ -62,7 +62,7 @@ def validation_loss(trainer: Trainer, indices: list[int]) -> dict[str, float]:
     data = run.require("data")
     sums = torch.zeros(ev.t_bins, dtype=torch.float64)
     count = 0
-    # The weights samples and metrics use: the EMA copy when EMA is on (SPEC §4).
+    # The weights samples and metrics use: the EMA copy when EMA is on (reference.md §4).
     modules = trainer.sampling_modules()
     for start in range(0, len(indices), ev.batch):
         chunk = indices[start : start + ev.batch]

@@ -1,4 +1,4 @@
-"""Rectified-flow maths (SPEC §2). Pure functions, unit-tested against hand-computed values.
+"""Rectified-flow maths (reference.md §2). Pure functions, unit-tested against hand-computed values.
 
 Convention: x_t = (1 − t)·x0 + t·ε, with t = 1 pure noise; the velocity is v = ε − x0, so
 dx/dt = v and an Euler step from t to t' < t is x ← x + (t' − t)·v.

@@ -41,7 +41,7 @@ class PluginInfo:
     """What a plugin module declares in its module-level ``INFO``.
 
     ``requires`` and ``conflicts`` are capability strings, checked by ``prx-run check`` before
-    any model is built (SPEC §7.3). Capabilities are ``"<slot>:<entry>"`` for the chosen slot
+    any model is built (reference.md §7.3). Capabilities are ``"<slot>:<entry>"`` for the chosen slot
     entries (``"objective:x_prediction"``, ``"latent_space:pixel"``) and ``"plugin:<name>"`` for
     enabled additive plugins. ``config`` is the dataclass that ``[plugins.<name>]`` binds to, for
     plugins that contribute additive hooks; slot entries bind their config through the registry.
@@ -162,7 +162,7 @@ def prx_checkpoint_state(run: RunContext) -> Mapping[str, Stateful] | None:
     """Return objects whose ``state_dict``/``load_state_dict`` must survive a resume.
 
     Keys must be unique across plugins. Frozen pretrained networks do not belong here
-    (SPEC §7.9): they reload from their weights.
+    (reference.md §7.9): they reload from their weights.
     """
 
 

@@ -1,4 +1,4 @@
-"""Distribution distances shared by the evaluation metrics (SPEC §6): Fréchet distance and RBF MMD.
+"""Distribution distances shared by the evaluation metrics (reference.md §6): Fréchet distance and RBF MMD.
 
 They live in core, once, because several metric plugins need them (FID uses the Fréchet distance;
 CMMD and DINO-MMD use the same MMD) and plugins never import each other. Pure torch functions,
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-#: SPEC §6: Gaussian RBF bandwidth and output scale of CMMD (and DINO-MMD).
+#: reference.md §6: Gaussian RBF bandwidth and output scale of CMMD (and DINO-MMD).
 MMD_SIGMA = 10.0
 MMD_SCALE = 1000.0
 
@@ -112,7 +112,7 @@ def mmd_rbf(
     scale: float = MMD_SCALE,
     chunk: int = 2048,
 ) -> torch.Tensor:
-    """Squared MMD with a Gaussian RBF kernel, biased estimator, times ``scale`` (CMMD, SPEC §6).
+    """Squared MMD with a Gaussian RBF kernel, biased estimator, times ``scale`` (CMMD, reference.md §6).
 
     k(a, b) = exp(−‖a − b‖² / (2σ²)); MMD² = mean k(x, x') + mean k(y, y') − 2·mean k(x, y), where
     the means run over *all* pairs including i == j (the biased V-statistic the CMMD paper uses,

@@ -1,4 +1,4 @@
-"""The velocity objective (SPEC §2), core's default ``objective`` entry."""
+"""The velocity objective (reference.md §2), core's default ``objective`` entry."""
 
 from __future__ import annotations
 

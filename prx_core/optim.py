@@ -2,7 +2,7 @@
 
 ``torch.optim.AdamW`` creates its moments with ``zeros_like(param)``, so on bf16-stored weights
 (the ``bf16_weights`` ablation) its moments would be bf16 too, which is not what that policy
-promises (fp32 optimizer state, SPEC §4). :class:`StateDtypeAdamW` is the same algorithm with the
+promises (fp32 optimizer state, reference.md §4). :class:`StateDtypeAdamW` is the same algorithm with the
 moments in ``state_dtype``: each step reads the weight, forms the whole update in ``state_dtype``
 (weight decay, moments, bias correction, the addcdiv) and writes the result back rounded once into
 the weight's dtype. There is deliberately **no fp32 master copy** of the weights: the ablation

@@ -1,18 +1,18 @@
 """Precision policies and the dtype guard.
 
-Three policies (SPEC §4, "Precision policy"):
+Three policies (reference.md §4, "Precision policy"):
 
 * ``bf16_mixed`` (default): bf16 autocast; weights, gradients, optimizer state and EMA in fp32.
 * ``fp32``: everything in fp32, no autocast.
 * ``bf16_weights``: the ablation. Weights (and so gradients) are *stored* in bf16; optimizer
-  state and EMA stay fp32. It degrades results (SPEC §5: FID 21.87 against 18.20), so it
+  state and EMA stay fp32. It degrades results (reference.md §5: FID 21.87 against 18.20), so it
   carries a :attr:`warning` that the trainer logs at WARNING level and records in the tracker.
 
 The guard (:meth:`check`, run at start and after every resume) compares what the modules and
 the optimizer actually hold with what the policy promises, in both directions: bf16 weights
 under ``bf16_mixed`` (something cast the model: the silent bug this project exists to prevent)
 and fp32 weights under ``bf16_weights`` (the reference's "bf16 weights" recipe never reached the
-model and silently trained in fp32, SPEC §7.1) are both refused.
+model and silently trained in fp32, reference.md §7.1) are both refused.
 
 Optimizer state and ``bf16_weights``
 ------------------------------------
@@ -47,7 +47,7 @@ def _weight_hint(policy: str, found: torch.dtype, expected: torch.dtype) -> str:
     if found == torch.float32:
         return (
             "the weights were never cast, so the run would silently train in fp32 (the reference "
-            "'bf16 weights' recipe failed this way, SPEC §7.1); build the model in the policy's param_dtype"
+            "'bf16 weights' recipe failed this way); build the model in the policy's param_dtype"
         )
     return f"build every trainable module in precision.param_dtype ({expected})"
 
@@ -160,7 +160,7 @@ BF16_WEIGHTS_WARNING = (
     "precision policy 'bf16_weights': trainable weights are STORED in bfloat16 (8-bit mantissa). "
     "This is an ablation, not a training setup: an update smaller than 1/512 to 1/256 of a weight's "
     "magnitude is rounded away (at lr 1e-4, norm and modulation scales near 1.0 never move), and "
-    "PRX's ablation measured FID 21.87 against 18.20 for bf16_mixed (SPEC §5). Optimizer state and "
+    "PRX's ablation measured FID 21.87 against 18.20 for bf16_mixed. Optimizer state and "
     "EMA stay float32. Use precision 'bf16_mixed' unless you are reproducing that ablation."
 )
 
@@ -170,7 +170,7 @@ class Bf16Weights:
 
     Autocast stays on so the ops autocast keeps in fp32 (softmax, norms, losses) still run in
     fp32. The trainer builds the model in :attr:`param_dtype`; the guard refuses fp32 weights, so
-    the ablation can never silently train in fp32 as the reference did (SPEC §7.1).
+    the ablation can never silently train in fp32 as the reference did (reference.md §7.1).
     """
 
     name = "bf16_weights"

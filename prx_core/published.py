@@ -1,4 +1,4 @@
-"""Published PRX ablation results (SPEC §5), as data for the "published" column of ``prx-run report``.
+"""Published PRX ablation results (reference.md §5), as data for the "published" column of ``prx-run report``.
 
 A recipe names the row it reproduces with the top-level key ``reference = "<table>/<row>"`` (for
 example ``reference = "latent_256/repa_dinov3"``); ``prx-run check`` rejects names that are not
@@ -7,7 +7,7 @@ table's published baseline, so a run at another scale (the CPU mini-study) can s
 on the *direction* of an effect.
 
 The numbers come from PRX's cluster (FID / CMMD / DINO-MMD after 100k steps; batches/s on their
-hardware); "–" in SPEC §5 is ``None`` here.
+hardware); "–" in reference.md §5 is ``None`` here.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ __all__ = ["METRICS", "PUBLISHED", "TABLES", "PublishedResult", "baseline_of", "
 #: The published metrics, named as evaluation logs them (``eval/<name>`` in metrics.jsonl).
 METRICS = ("fid", "cmmd", "dino_mmd")
 
-#: Table id -> what SPEC §5 says the table measures.
+#: Table id -> what reference.md §5 says the table measures.
 TABLES: dict[str, str] = {
     "latent_256": "256 px, FLUX VAE, 100k steps",
     "pixel_1024": "pixel space at 1024 px, x-prediction",
@@ -29,10 +29,10 @@ TABLES: dict[str, str] = {
 
 @dataclass(frozen=True)
 class PublishedResult:
-    """One row of a SPEC §5 table."""
+    """One row of a reference.md §5 table."""
 
     table: str
-    #: The row's label as SPEC §5 writes it.
+    #: The row's label as reference.md §5 writes it.
     experiment: str
     fid: float
     cmmd: float
@@ -81,7 +81,7 @@ def lookup(key: str) -> PublishedResult:
         return PUBLISHED[key]
     close = difflib.get_close_matches(key, list(PUBLISHED), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise KeyError(f"no published result '{key}' (SPEC §5 rows: {', '.join(PUBLISHED)}){hint}")
+    raise KeyError(f"no published result '{key}' (published rows: {', '.join(PUBLISHED)}){hint}")
 
 
 def baseline_of(key: str) -> PublishedResult:

@@ -8,7 +8,7 @@
   recorded in the resolved recipe.
 * :func:`validate` checks everything that can be checked without building a model: names,
   types, plugin ``requires``/``conflicts``, and the shape contract between the latent space and
-  the denoiser (SPEC §7.3, §7.4).
+  the denoiser (reference.md §7.3, §7.4).
 
 Python's ``tomllib`` (TOML 1.0) reads recipes; :func:`dump_toml` writes the resolved recipe back
 in a form ``tomllib`` reads.
@@ -37,7 +37,7 @@ OVERRIDE_SOURCE = "--set"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """``diffusers.PRXTransformer2DModel`` arguments; the defaults are PRX-1.2B (SPEC §1)."""
+    """``diffusers.PRXTransformer2DModel`` arguments; the defaults are PRX-1.2B (reference.md §1)."""
 
     in_channels: int = 16
     patch_size: int = 2
@@ -68,7 +68,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The training loop. Defaults follow the PRX baseline (SPEC §3)."""
+    """The training loop. Defaults follow the PRX baseline (reference.md §3)."""
 
     steps: int = 100_000
     global_batch: int = 256
@@ -111,7 +111,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Learning-rate multiplier: linear warm-up, then constant (the PRX baseline, SPEC §3) or a decay."""
+    """Learning-rate multiplier: linear warm-up, then constant (the PRX baseline, reference.md §3) or a decay."""
 
     warmup_steps: int = 1000
     kind: Literal["constant", "cosine", "linear"] = "constant"
@@ -127,7 +127,7 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Sample grids and inference defaults (SPEC §2: evaluation uses 50 steps at CFG 3.5)."""
+    """Sample grids and inference defaults (reference.md §2: evaluation uses 50 steps at CFG 3.5)."""
 
     steps: int = 50
     cfg: float = 3.5
@@ -143,7 +143,7 @@ class SamplingConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Evaluation (SPEC §3: every 10k steps, held-out captions at bucket size, CFG 3.5, 50 steps).
+    """Evaluation (reference.md §3: every 10k steps, held-out captions at bucket size, CFG 3.5, 50 steps).
 
     Each evaluation reports the validation loss per timestep bin and every metric listed under
     ``[metrics.<name>]``, computed from ``num_samples`` images generated from held-out captions.
@@ -176,7 +176,7 @@ CORE_SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
 }
 TOP_LEVEL_SCALARS = ("name", "seed", "description", "extends", "reference")
-#: Slot defaults: core's builtins (DESIGN principle 2). Slots without a default must be chosen.
+#: Slot defaults: core's builtins (core features are plugins too). Slots without a default must be chosen.
 SLOT_DEFAULTS: dict[str, str | None] = {
     "latent_space": "pixel",
     "text_encoder": None,
@@ -221,7 +221,7 @@ class Recipe:
     stages: list[Stage] = field(default_factory=list)
     #: The ``[[stages]]`` tables as written (after ``--set``), for the resolved recipe.
     stage_tables: list[dict[str, Any]] = field(default_factory=list, repr=False)
-    #: The SPEC §5 row this recipe reproduces (a key of :data:`prx_core.published.PUBLISHED`), or "".
+    #: The reference.md §5 row this recipe reproduces (a key of :data:`prx_core.published.PUBLISHED`), or "".
     reference: str = ""
 
     def slot_config(self, slot: str) -> Any:
@@ -617,7 +617,7 @@ def _validate_single(raw: RawRecipe) -> Recipe:
 
 
 def _reference(raw: RawRecipe) -> str:
-    """``reference = "<table>/<row>"``: the published SPEC §5 result the recipe reproduces (for reports).
+    """``reference = "<table>/<row>"``: the published reference.md §5 result the recipe reproduces (for reports).
 
     Not inherited through ``extends``: it names the experiment of the file that states it, so an
     ablation of the baseline does not borrow the baseline's published numbers.
@@ -664,7 +664,7 @@ def check_compatibility(recipe: Recipe, raw: RawRecipe) -> None:
     if latent.channels != recipe.model.in_channels:
         raise RecipeError(
             f"{raw.where('model.in_channels')}: 'model.in_channels' is {recipe.model.in_channels} but latent "
-            f"space '{recipe.slots['latent_space'].use}' produces {latent.channels} channels (SPEC §7.4)"
+            f"space '{recipe.slots['latent_space'].use}' produces {latent.channels} channels"
         )
     text_dim = recipe.slot_config("text_encoder").dim
     if recipe.model.context_in_dim is not None and recipe.model.context_in_dim != text_dim:

@@ -1,4 +1,4 @@
-"""Deterministic Euler sampling with classifier-free guidance (SPEC §2)."""
+"""Deterministic Euler sampling with classifier-free guidance (reference.md §2)."""
 
 from __future__ import annotations
 

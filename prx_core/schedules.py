@@ -1,4 +1,4 @@
-"""Learning-rate multipliers (SPEC §3: 1000-step linear warm-up, then constant)."""
+"""Learning-rate multipliers (reference.md §3: 1000-step linear warm-up, then constant)."""
 
 from __future__ import annotations
 

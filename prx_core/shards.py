@@ -17,7 +17,7 @@ A shard holds rows of one bucket, stacked: ``latents`` [N, C, h, w], optional ``
 (:func:`pack_strings`): ``captions.<key>.utf8`` / ``captions.<key>.offsets`` for every caption
 key (empty where an item lacks it) and ``names.utf8`` / ``names.offsets``. Rows are read lazily
 through ``safe_open(...).get_slice``, so a training rank maps only the rows of its batch, never a
-whole shard, and no process ever holds every caption in memory: at the SPEC's 1M (8.7M for the
+whole shard, and no process ever holds every caption in memory: at the published 1M (8.7M for the
 speedrun) long-captioned images, a JSON list of them was gigabytes per rank (format version 1).
 
 The sample table (``samples.safetensors``) is four int64 columns sorted by id, ``ids``,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-#: Tokens per prompt in the PRX baseline (SPEC §3).
+#: Tokens per prompt in the PRX baseline (reference.md §3).
 DEFAULT_MAX_LENGTH = 256
 
 

@@ -1,7 +1,7 @@
 """Throughput figures: FLOPs counted on the real step, model FLOP utilisation, peak memory.
 
 MFU uses FLOPs counted by PyTorch's FLOP counter on one real training micro-step (forward and
-backward), not 6·N·tokens, which over-counts PRX about 2.6× (SPEC §1, §6).
+backward), not 6·N·tokens, which over-counts PRX about 2.6× (reference.md §1, §6).
 """
 
 from __future__ import annotations

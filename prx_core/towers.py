@@ -26,6 +26,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("prx")
 
+#: The dtype of the data a step computes with: x0, the noise, t, x_t, the target and the text
+#: states are fp32 whatever the precision policy. Policies differ in where weights live and in
+#: autocast, never in the data: ``bf16_weights`` must differ from ``bf16_mixed`` in weight storage
+#: only (the reference computes x_t, the target and t in fp32 too, reference.md §8).
+DATA_DTYPE = torch.float32
+
 
 def build_slot(recipe: Recipe, run: RunContext, slot: str) -> Any:
     """The recipe's entry for ``slot``, built by its factory (also used by ``prx-run precompute``)."""
@@ -113,7 +119,7 @@ def build_tower(recipe: Recipe, run: RunContext, slot: str, lazy: bool) -> Any:
 def batch_encodings(
     raw: RawBatch, run: RunContext, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(x0_BCHW, text_BLD, mask_BL)`` of a batch, x0 and text in the policy's param dtype.
+    """``(x0_BCHW, text_BLD, mask_BL)`` of a batch, x0 and text in :data:`DATA_DTYPE` (fp32).
 
     Encodings the batch carries are used as they are; the towers run only for what is missing.
     Stored latents with a posterior std are sampled as ``mean + std · ε``, ε drawn from
@@ -139,4 +145,4 @@ def batch_encodings(
             text_BLD, mask_BL = raw.text_BLD.to(run.device), raw.mask_BL.to(run.device)
         else:
             text_BLD, mask_BL = run.require("text_encoder").encode(raw.captions)
-    return x0_BCHW.to(precision.param_dtype), text_BLD.to(precision.param_dtype), mask_BL
+    return x0_BCHW.to(DATA_DTYPE), text_BLD.to(DATA_DTYPE), mask_BL

@@ -14,7 +14,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +54,7 @@ from prx_core.seeding import derive_seed, generator_for
 from prx_core.slots import BatchRequest, EncodingsSource, Guidance
 from prx_core.text_cache import CachedTextEncoder
 from prx_core.throughput import count_step_flops, peak_flops, peak_memory_gb
-from prx_core.towers import batch_encodings, build_slot, build_tower, provides_encodings, setup_errors
+from prx_core.towers import DATA_DTYPE, batch_encodings, build_slot, build_tower, provides_encodings, setup_errors
 
 logger = logging.getLogger("prx")
 
@@ -66,7 +66,18 @@ DRIFT_EXEMPT = (
     "train.sample_every",
     "train.checkpoint_every",
     "description",
+    "reference",  # a label for reports; it changes nothing a run computes
 )
+
+#: Version of the checkpoint payload ``Trainer.save`` writes: its parts and the keys inside them.
+#: A change to either bumps it and adds the converter from the previous version to
+#: :data:`PAYLOAD_UPGRADES`, so a checkpoint written by an older prx still resumes
+#: (``tests/fixtures/checkpoint_v1`` holds a version-1 checkpoint that must keep resuming bitwise).
+PAYLOAD_VERSION = 1
+#: ``version -> convert(parts, meta) -> (parts, meta)`` of ``version + 1``.
+PAYLOAD_UPGRADES: dict[int, Callable[[dict[str, Any], dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]]] = {}
+#: The parts every payload version so far holds.
+PAYLOAD_PARTS = ("trainable", "optimizer", "scheduler", "trainer", "plugins")
 
 
 @dataclass(frozen=True)
@@ -106,9 +117,54 @@ def flatten_dict(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def recipe_drift(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ, except those that may change on resume."""
-    a, b = flatten_dict(saved), flatten_dict(current)
+    """Dotted keys whose values differ, except those that may change on resume.
+
+    The saved recipe is first resolved again by the running code (:func:`resolve_saved_recipe`),
+    so a key that a newer prx added, at its default, is not drift: upgrading prx alone never
+    blocks a resume.
+    """
+    a, b = flatten_dict(resolve_saved_recipe(saved)), flatten_dict(current)
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in DRIFT_EXEMPT)
+
+
+def resolve_saved_recipe(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's resolved recipe as the running code resolves it (new keys at their defaults).
+
+    A recipe the running code no longer accepts (a plugin since uninstalled, a key since removed)
+    is compared as it was saved, so the drift report names what changed.
+    """
+    from prx_core.recipe import RawRecipe, validate
+
+    try:
+        return validate(RawRecipe(json.loads(json.dumps(saved)), {}, None)).resolved()
+    except (RecipeError, RuntimeError):
+        return saved
+
+
+def upgrade_payload(parts: dict[str, Any], meta: dict[str, Any], where: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A checkpoint's ``(parts, meta)`` converted to :data:`PAYLOAD_VERSION`, or a clear refusal."""
+    version = meta.get("payload_version", 1)
+    if not isinstance(version, int) or version < 1:
+        raise TrainingError(f"checkpoint {where} has an invalid payload_version {version!r}")
+    if version > PAYLOAD_VERSION:
+        raise TrainingError(
+            f"checkpoint {where} was written by a newer prx (payload version {version}; this prx-core reads "
+            f"versions up to {PAYLOAD_VERSION}); upgrade prx-core to resume it"
+        )
+    while version < PAYLOAD_VERSION:
+        convert = PAYLOAD_UPGRADES.get(version)
+        if convert is None:
+            raise TrainingError(f"checkpoint {where}: no converter from payload version {version} to {version + 1}")
+        parts, meta = convert(parts, meta)
+        logger.info("checkpoint %s: payload converted from version %d to %d", where, version, version + 1)
+        version += 1
+    missing = [name for name in PAYLOAD_PARTS if name not in parts]
+    if missing:
+        raise TrainingError(
+            f"checkpoint {where} lacks part(s) {', '.join(missing)} of payload version {PAYLOAD_VERSION} "
+            "(a format change without a version bump and converter?)"
+        )
+    return parts, {**meta, "payload_version": PAYLOAD_VERSION}
 
 
 def _numpy_rng_state() -> dict[str, Any]:
@@ -655,7 +711,7 @@ class Trainer:
         side = size // latent.spatial_compression
         noise_BCHW = torch.stack(
             [torch.randn(latent.channels, side, side, generator=generator_for(seed, "sample", i)) for i in indices]
-        ).to(run.device, run.require("precision").param_dtype)
+        ).to(run.device, DATA_DTYPE)  # the Euler integration runs in fp32 whatever the weights' dtype
         states, mask = run.require("text_encoder").encode(prompts)
         cond = (states.to(noise_BCHW.dtype), mask)
         uncond = (self.empty_prompt[0].to(noise_BCHW.dtype), self.empty_prompt[1])
@@ -779,14 +835,23 @@ class Trainer:
             },
             "plugins": {k: v.state_dict() for k, v in sorted(self.plugin_states().items())},
         }
-        meta = {"step": self.step, "recipe": self.recipe.resolved(), "world_size": self.run.world_size}
+        meta = {
+            "payload_version": PAYLOAD_VERSION,
+            "step": self.step,
+            "recipe": self.recipe.resolved(),
+            "world_size": self.run.world_size,
+        }
         info = self.checkpoints.save(self.step, parts, meta)
         logger.info("saved checkpoint %s", info.path)
         barrier(self.dist)
         return info
 
-    def _load(self, info: CheckpointInfo) -> None:
+    def _read_checkpoint(self, info: CheckpointInfo) -> tuple[dict[str, Any], dict[str, Any]]:
         parts, meta = self.checkpoints.load(info, device="cpu")
+        return upgrade_payload(parts, meta, info.path)
+
+    def _load(self, info: CheckpointInfo) -> None:
+        parts, meta = self._read_checkpoint(info)
         drift = recipe_drift(meta.get("recipe", {}), self.recipe.resolved())
         saved_world = int(meta.get("world_size", self.run.world_size))
         if saved_world != self.run.world_size:
@@ -831,7 +896,7 @@ class Trainer:
         over by parameter name when the checkpoint recorded names and the run is not sharded;
         otherwise it restarts (logged). Plugin state (EMA) loads non-strictly where the plugin allows.
         """
-        parts, _ = self.checkpoints.load(info, device="cpu")
+        parts, _ = self._read_checkpoint(info)
         trainable = self.run.require("trainable")
         sharded = is_sharded(trainable)
         current = trainable.state_dict()  # DTensors when sharded: names and global shapes are what matter

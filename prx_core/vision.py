@@ -1,8 +1,8 @@
 """Frozen timm vision encoders (DINOv2 / DINOv3) and the maths every teacher-based plugin shares.
 
 REPA, iREPA, Perceptual DINO and the DINO metrics all need the same things: load a pretrained
-ViT once, keep it frozen and out of checkpoints (SPEC §7.9), feed it images in [0, 1] at the
-resolution that makes its patch grid match something, and keep only the patch tokens (SPEC §4:
+ViT once, keep it frozen and out of checkpoints (reference.md §7.9), feed it images in [0, 1] at the
+resolution that makes its patch grid match something, and keep only the patch tokens (reference.md §4:
 "drop CLS/register/prefix tokens"). That lives here, once, so the plugins never import each other.
 
 There is exactly one loading path, :func:`load_frozen_encoder`:
@@ -185,7 +185,7 @@ class FrozenEncoder:
     """A frozen timm ViT that turns images in [0, 1] into patch tokens.
 
     Deliberately not an ``nn.Module``: it can never be registered as a submodule of something
-    trainable, so it never reaches an optimizer, an EMA copy or a checkpoint (SPEC §7.9).
+    trainable, so it never reaches an optimizer, an EMA copy or a checkpoint (reference.md §7.9).
     Parameters are frozen but the graph is not cut: gradients flow through it to the input when
     the caller runs it with autograd on (Perceptual DINO needs that; REPA targets use ``no_grad``).
     """
@@ -357,7 +357,7 @@ def frozen_encoder_for_run(run: Any, plugin: str, config: Any) -> FrozenEncoder:
 
     ``config`` must have ``encoder``, ``weights`` and ``encoder_overrides``; the encoder runs on
     ``run.device`` in the precision policy's ``frozen_dtype``. Being plugin state, never a trained
-    module, it stays out of the optimizer, EMA and checkpoints (SPEC §7.9).
+    module, it stays out of the optimizer, EMA and checkpoints (reference.md §7.9).
     """
 
     def load() -> FrozenEncoder:

@@ -1,4 +1,4 @@
-"""Optimizer ``adamw`` with the PRX baseline values (SPEC §3).
+"""Optimizer ``adamw`` with the PRX baseline values (reference.md §3).
 
 Warm-up and the constant schedule are core's ``[schedule]`` section and gradient clipping is
 ``train.grad_clip``, since every optimizer shares them.
@@ -39,7 +39,7 @@ class AdamWConfig:
             raise ValueError("eps must be > 0 and weight_decay >= 0")
 
 
-INFO = PluginInfo(name="adamw", summary="AdamW, lr 1e-4, betas (0.9, 0.95), eps 1e-15, wd 0", spec="SPEC §3")
+INFO = PluginInfo(name="adamw", summary="AdamW, lr 1e-4, betas (0.9, 0.95), eps 1e-15, wd 0", spec="reference.md §3")
 
 
 def _build(config: AdamWConfig, run: Any) -> Any:

@@ -64,7 +64,9 @@ class ConsoleTracker:
             self.bar = None
 
 
-INFO = PluginInfo(name="console", summary="Progress bar on a terminal, log lines otherwise", spec="DESIGN (tracking)")
+INFO = PluginInfo(
+    name="console", summary="Progress bar on a terminal, log lines otherwise", spec="reference.md §6 (tracking)"
+)
 
 
 def _build(config: ConsoleConfig, run: Any) -> ConsoleTracker:

@@ -1,4 +1,4 @@
-"""Objective ``flow_matching``: rectified flow with a velocity target (SPEC §2)."""
+"""Objective ``flow_matching``: rectified flow with a velocity target (reference.md §2)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from prx_core.hookspecs import PluginInfo
 
 @dataclass(frozen=True)
 class FlowMatchingConfig:
-    #: Timestep shift s (SPEC §2): 1.0 for latent recipes, 3.0 for pixel (JiT) recipes.
+    #: Timestep shift s (reference.md §2): 1.0 for latent recipes, 3.0 for pixel (JiT) recipes.
     shift: float = 1.0
     #: Probability of replacing a logit-normal draw by an unshifted uniform one.
     uniform_prob: float = 0.1
@@ -32,7 +32,7 @@ class FlowMatchingConfig:
 INFO = PluginInfo(
     name="flow_matching",
     summary="Rectified-flow objective: velocity target, logit-normal t with shift, caption dropout",
-    spec="SPEC §2",
+    spec="reference.md §2",
 )
 
 

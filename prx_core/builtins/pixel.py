@@ -1,4 +1,4 @@
-"""Latent space ``pixel``: the identity, images mapped to [−1, 1] (SPEC §4, "Pixel space")."""
+"""Latent space ``pixel``: the identity, images mapped to [−1, 1] (reference.md §4, "Pixel space")."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ class PixelSpace:
         return ((latents_BCHW + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-INFO = PluginInfo(name="pixel", summary="Identity latent space: RGB in [-1, 1], 3 channels", spec="SPEC §4")
+INFO = PluginInfo(name="pixel", summary="Identity latent space: RGB in [-1, 1], 3 channels", spec="reference.md §4")
 
 
 def _build(config: PixelConfig, run: Any) -> PixelSpace:

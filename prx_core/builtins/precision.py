@@ -1,6 +1,6 @@
-"""Precision policies ``bf16_mixed`` (the default), ``fp32`` and ``bf16_weights`` (SPEC §4, "Precision policy").
+"""Precision policies ``bf16_mixed`` (the default), ``fp32`` and ``bf16_weights`` (reference.md §4, "Precision policy").
 
-The reference "bf16 weights" ablation silently trained in fp32 (SPEC §7.1), and the opposite
+The reference "bf16 weights" ablation silently trained in fp32 (reference.md §7.1), and the opposite
 accident, weights quietly ending up in bf16, degrades results. So dtypes are decided in one
 place, and a guard checks them at start and after every resume. ``bf16_weights`` is the
 deliberate version of that degradation: an ablation that carries a loud ``warning`` (logged at
@@ -42,7 +42,7 @@ INFO = PluginInfo(
         "Precision policies bf16_mixed (autocast bf16, fp32 weights/grads/optimizer), fp32, and the "
         "bf16_weights ablation (bf16-stored weights, fp32 optimizer state; logged loudly)"
     ),
-    spec="SPEC §4 (precision policy), §5, §7.1",
+    spec="reference.md §4 (precision policy), §5, §7.1",
 )
 
 

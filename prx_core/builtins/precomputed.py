@@ -41,7 +41,7 @@ class PrecomputedConfig:
     #: Image side for sample grids and generated evaluation images. Unset: the size recorded by
     #: precompute (the data source's ``size``), else the largest bucket's height.
     size: int | None = None
-    #: None: the recipe's seed, so changing ``seed`` changes the order too (SPEC §7.6).
+    #: None: the recipe's seed, so changing ``seed`` changes the order too (reference.md §7.6).
     seed: int | None = None
     #: Shard files kept open (memory-mapped) at once by each rank.
     open_shards: int = 32
@@ -65,7 +65,7 @@ class PrecomputedConfig:
 INFO = PluginInfo(
     name="precomputed",
     summary="Data source: latents, text states and features precomputed by `prx-run precompute`",
-    spec="DESIGN (Runtime: data at scale)",
+    spec="reference.md §3 (data at scale)",
 )
 
 #: Recipe tables that must equal the ones the shards were made with.

@@ -1,6 +1,6 @@
 """Data source ``synthetic_shapes``: coloured shapes with long and short captions, made locally.
 
-It exists so every feature runs offline, and so caption-length effects (SPEC §4, "Caption
+It exists so every feature runs offline, and so caption-length effects (reference.md §4, "Caption
 length") show at toy scale. Images and captions are pure functions of (seed, sample index).
 """
 
@@ -19,7 +19,7 @@ class SyntheticShapesConfig:
     max_shapes: int = 2
     #: Caption key -> sampling weight, drawn per sample ("long" or "short").
     caption_weights: dict[str, float] = field(default_factory=lambda: {"long": 1.0})
-    #: None: the recipe's seed, so changing ``seed`` changes the data too (SPEC §7.6).
+    #: None: the recipe's seed, so changing ``seed`` changes the data too (reference.md §7.6).
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -75,7 +75,7 @@ class SyntheticShapesSource:
 INFO = PluginInfo(
     name="synthetic_shapes",
     summary="Offline toy data: coloured shapes at stated positions, long and short captions",
-    spec="SPEC §4 (caption length)",
+    spec="reference.md §4 (caption length)",
 )
 
 

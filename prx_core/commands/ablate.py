@@ -12,7 +12,7 @@ name>/seed<k>`` with ``--set seed=<k> --resume auto``, so:
   run failed.
 
 Every recipe is validated before anything starts, and two recipes with the same ``name`` are
-refused, since they would share run directories (SPEC §7.5). ``--print`` only prints one launch
+refused, since they would share run directories (reference.md §7.5). ``--print`` only prints one launch
 command per run (``torchrun`` when ``--nproc`` > 1), e.g. to paste into cluster job scripts.
 """
 

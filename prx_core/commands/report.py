@@ -7,7 +7,7 @@ runs root, for instance). Runs are grouped by recipe ``name``; every number is t
 standard deviation (n − 1 in the denominator) over the group's seeds. Written to ``--out``:
 
 * ``report.md``: the final evaluation (headline metrics with their difference from the baseline
-  group), training throughput, the published SPEC §5 numbers of the row the recipe names with
+  group), training throughput, the published reference.md §5 numbers of the row the recipe names with
   ``reference``, the best value of every metric over the run, and every evaluation key in full;
 * ``summary.csv`` (one row per recipe) and ``runs.csv`` (one row per run);
 * ``loss.png`` (training loss), ``eval_<metric>.png`` (each headline metric against steps) and

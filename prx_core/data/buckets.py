@@ -1,14 +1,14 @@
-"""Aspect-ratio buckets (SPEC §3) and the resize-and-crop that puts an image into one.
+"""Aspect-ratio buckets (reference.md §3) and the resize-and-crop that puts an image into one.
 
 PRX trains on images of many aspect ratios without padding: every image goes to the bucket whose
 aspect ratio is closest to its own, and every micro-batch is drawn from a single bucket, so a
 batch is one tensor. Each bucket holds about ``(size / unit)²`` patches of ``unit`` px (32 in the
-SPEC), so every bucket costs about as many tokens as the square ``size × size`` image, with the
+reference.md §3), so every bucket costs about as many tokens as the square ``size × size`` image, with the
 aspect ratio w/h in [0.5, 2].
 
 The rule: with ``n = (size / unit)²``, for every width ``w`` (in units) take ``h = round(n / w)``
 (halves round up) and keep ``(h, w)`` when ``0.5 <= w / h <= 2``; add the transposes; dedupe.
-That gives exactly 7 buckets at 256 px and 27 at 1024 px, the counts the SPEC states.
+That gives exactly 7 buckets at 256 px and 27 at 1024 px, the counts reference.md §3 states.
 
 Pure Python plus Pillow; no torch.
 """
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import numpy as np
     from PIL import Image
 
-#: SPEC §3: buckets are counted in patches of 32 px.
+#: reference.md §3: buckets are counted in patches of 32 px.
 BUCKET_UNIT = 32
 MIN_ASPECT = 0.5
 MAX_ASPECT = 2.0

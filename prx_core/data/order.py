@@ -2,7 +2,7 @@
 
 The order is a pure function of (request, per-sample bucket ids, seed), so a resumed run replays
 exactly the items the original would have seen (mid-epoch too), ranks never share an item within
-an epoch, and changing ``seed`` changes the order (SPEC §7.6).
+an epoch, and changing ``seed`` changes the order (reference.md §7.6).
 
 Layout of epoch ``e`` (``S`` = the micro-batch size, ``request.size``):
 

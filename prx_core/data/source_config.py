@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-#: SPEC §3's baseline resolution.
+#: reference.md §3's baseline resolution.
 DEFAULT_SIZE = 256
 
 
@@ -17,11 +17,11 @@ DEFAULT_SIZE = 256
 class IndexedSourceConfig:
     """Bucketing, captions and bad-data limits; the ``[data]`` keys both sources accept."""
 
-    #: Nominal side (px): buckets hold about (size / 32)² patches of 32 px (SPEC §3).
+    #: Nominal side (px): buckets hold about (size / 32)² patches of 32 px (reference.md §3).
     size: int = DEFAULT_SIZE
     #: Aspect-ratio buckets (w/h in [0.5, 2]); false: every image is a square ``size`` center crop.
     buckets: bool = True
-    #: Caption key -> sampling weight, drawn per sample (SPEC §4, caption length).
+    #: Caption key -> sampling weight, drawn per sample (reference.md §4, caption length).
     caption_weights: dict[str, float] = field(default_factory=lambda: {"caption": 1.0})
     #: Items reserved for evaluation and sample grids (chosen by a hash of their name, never trained).
     held_out: int = 64
@@ -43,7 +43,7 @@ class IndexedSourceConfig:
     #: Decode the next micro-batch in those threads while the current one trains (one extra
     #: micro-batch of decoded images in memory); the batches are the same either way.
     read_ahead: bool = True
-    #: None: the recipe's seed, so changing ``seed`` changes the data order (SPEC §7.6).
+    #: None: the recipe's seed, so changing ``seed`` changes the data order (reference.md §7.6).
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -52,7 +52,7 @@ class IndexedSourceConfig:
         if self.size < 1:
             raise ValueError(f"size must be >= 1, got {self.size}")
         if self.buckets and self.size % 32:
-            raise ValueError(f"size must be a multiple of 32 when buckets = true (SPEC §3), got {self.size}")
+            raise ValueError(f"size must be a multiple of 32 when buckets = true, got {self.size}")
         validate_caption_weights(self.caption_weights)
         if self.held_out < 0:
             raise ValueError(f"held_out must be >= 0, got {self.held_out}")

@@ -1,4 +1,4 @@
-"""The conformance suite every plugin runs (DESIGN, "A plugin package").
+"""The conformance suite every plugin runs (CONTRIBUTING.md, "Adding a plugin").
 
 Subclass :class:`PluginConformance` in a test module, set ``plugin`` (the entry-point name) and
 ``recipe_patch`` (what turns the plugin on in the tiny recipe), and pytest collects:

@@ -142,7 +142,7 @@ def _resume_body(rank: int, world: int, root: Path, strategy: str) -> dict[str, 
 
 
 def muon_scenarios(rank: int, world: int, port: int, workdir: str, strategy: str) -> None:
-    """The ``muon`` optimizer through the trainer on ``world`` gloo ranks (SPEC §7.7: not only FSDP2).
+    """The ``muon`` optimizer through the trainer on ``world`` gloo ranks (reference.md §7.7: not only FSDP2).
 
     1. Straight: 4 steps, with a checkpoint after step 2 (saving changes nothing). 2. A fresh
     trainer resumes that checkpoint and trains steps 3 and 4: must equal the straight run bitwise

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-#: Aspect ratios (w / h) of clean images: the 1:2 .. 2:1 range of SPEC §3's buckets.
+#: Aspect ratios (w / h) of clean images: the 1:2 .. 2:1 range of reference.md §3's buckets.
 ASPECTS = (0.5, 0.6, 0.75, 1.0, 4 / 3, 1.6, 2.0)
 CAPTION_KEYS = ("long", "short")
 MANIFEST = "manifest.json"

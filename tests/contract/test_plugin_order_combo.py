@@ -1,5 +1,5 @@
 """Reversing plugin order with REPA + contrastive FM + EMA together gives a bit-identical loss
-(issue 4): loss terms are summed in name order and module init is seeded per plugin."""
+: loss terms are summed in name order and module init is seeded per plugin."""
 
 from __future__ import annotations
 

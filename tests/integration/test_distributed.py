@@ -97,7 +97,7 @@ def test_sigterm_to_the_torchrun_launcher_saves_a_committed_checkpoint(tmp_path:
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_muon_trains_resumes_bitwise_and_compiles_on_two_ranks(strategy: str, tmp_path: Path) -> None:
-    """Muon through the trainer under DDP and FSDP2 (SPEC §7.7), with regional compile after wrapping."""
+    """Muon through the trainer under DDP and FSDP2 (reference.md §7.7), with regional compile after wrapping."""
     pytest.importorskip("prx_muon")
     from prx_core.testing.distributed_scenarios import muon_scenarios
 

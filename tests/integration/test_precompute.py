@@ -271,7 +271,7 @@ def test_training_from_shards_resumes_bitwise(site: Path, vae_dir: Path, tmp_pat
     assert second.step == 2
     assert run_steps(second, 2) == expected
     assert torch.equal(parameters_vector(second), parameters_vector(first))
-    # Another seed is another order (SPEC §7.6).
+    # Another seed is another order (reference.md §7.6).
     reseeded = make_trainer(tiny_recipe(tmp_path / "s", {**_train_patch(vae_dir, out), "seed": 1}), tmp_path / "run2")
     request_ids = [first.run.data.batch(_request(0)).sample_ids, reseeded.run.data.batch(_request(0)).sample_ids]
     assert request_ids[0] != request_ids[1]

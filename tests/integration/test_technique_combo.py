@@ -75,7 +75,7 @@ def test_speedrun_stack_trains_on_cpu_with_separate_loss_terms(tmp_path: Path) -
         assert all(f"loss/{name}" in line for line in lines), name
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert NEEDED <= set(info["plugins"])
-    # Frozen teachers never enter checkpoints (SPEC §7.9).
+    # Frozen teachers never enter checkpoints (reference.md §7.9).
     ckpt = next((tmp_path / "run" / "checkpoints").glob("step_*"))
     names = (ckpt / "trainable.json").read_text() + (ckpt / "plugins.json").read_text()
     assert "vgg" not in names.lower() and "teacher" not in names.lower()

@@ -1,5 +1,5 @@
 """The text padding mask reaches SDPA as a broadcastable boolean mask, never as a materialised
-``B × heads × L × L`` float bias (SPEC §7.10), in a real training step and in the denoiser."""
+``B × heads × L × L`` float bias (reference.md §7.10), in a real training step and in the denoiser."""
 
 from __future__ import annotations
 

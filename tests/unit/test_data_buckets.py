@@ -1,4 +1,4 @@
-"""Aspect-ratio buckets (SPEC §3): counts, membership, choice and the resize-and-crop."""
+"""Aspect-ratio buckets (reference.md §3): counts, membership, choice and the resize-and-crop."""
 
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ def test_deterministic_and_seed_dependent() -> None:
     b = [OrderPlan(list(BUCKETS), 3, seed=0).chunk(s) for s in range(10)]
     assert a == b
     c = [OrderPlan(BUCKETS, 3, seed=1).for_request(request(s)) for s in range(10)]
-    assert a != c, "changing the seed must change the order (SPEC §7.6)"
+    assert a != c, "changing the seed must change the order (reference.md §7.6)"
 
 
 def test_every_batch_is_one_bucket() -> None:

@@ -1,4 +1,4 @@
-"""Fréchet distance and RBF MMD (SPEC §6) against independent references: numpy + scipy, and a plain
+"""Fréchet distance and RBF MMD (reference.md §6) against independent references: numpy + scipy, and a plain
 O(n²) double loop."""
 
 from __future__ import annotations

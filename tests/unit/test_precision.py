@@ -57,8 +57,10 @@ def test_guard_trips_on_bf16_gradient_under_bf16_mixed() -> None:
 
 
 def test_guard_trips_on_fp32_weights_under_bf16_weights() -> None:
-    # The reference bug (SPEC §7.1): bf16 weights were asked for but the model stayed fp32.
-    with pytest.raises(PrecisionError, match=r"parameter '0\.weight' is torch\.float32 .*'bf16_weights'.*§7\.1"):
+    # The reference bug (reference.md §7.1): bf16 weights were asked for but the model stayed fp32.
+    with pytest.raises(
+        PrecisionError, match=r"parameter '0\.weight' is torch\.float32 .*'bf16_weights'.*recipe failed this way"
+    ):
         Bf16Weights(CPU).check(_module(), None, "at start")
     module = _module(torch.bfloat16)
     module[1].float()
@@ -161,3 +163,60 @@ def test_visibility_bf16_weights_mostly_ignore_lr_1e4_updates() -> None:
     assert table["linear N(0,0.02), |Δ|=0.2·lr"][0] < 0.5, report
     overall = sum(b for b, _ in table.values()) / len(table)
     assert overall < 0.5, report
+
+
+def _step_inputs(tmp_path: Path, policy: str, weights: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """x0, noise, t, x_t, the target and the text states of micro-step 0 under ``policy``."""
+    from prx_core.testing.fixtures import make_trainer
+
+    recipe = tiny_recipe(tmp_path / policy, {"precision": {"use": policy}})
+    trainer = make_trainer(recipe, tmp_path / f"run-{policy}")
+    if weights is not None:
+        trainer.run.require("trainable").load_state_dict(weights)
+    seen: dict[str, torch.Tensor] = {}
+    objective = trainer.run.require("objective")
+    real_loss = objective.loss
+
+    def loss(step, prediction):
+        seen.update(
+            x0=step.x0_BCHW,
+            noise=step.noise_BCHW,
+            t=step.t_B,
+            x_t=step.x_t_BCHW,
+            text=step.text_BLD,
+            target=step.noise_BCHW - step.x0_BCHW,
+            prediction=prediction,
+        )
+        return real_loss(step, prediction)
+
+    objective.loss = loss
+    trainer.micro_step(0, 0)
+    return seen
+
+
+def test_bf16_weights_changes_weight_storage_only(tmp_path: Path) -> None:
+    """Under ``bf16_weights`` the step's data (x0, ε, t, x_t, the velocity target, the text
+    states) is bit for bit what ``bf16_mixed`` computes from the same bf16-representable weights,
+    all in fp32; only the stored weights (and what they compute) differ."""
+    bf16 = _step_inputs(tmp_path, "bf16_weights", None)
+    from prx_core.testing.fixtures import make_trainer
+
+    bf16_trainer = make_trainer(tiny_recipe(tmp_path / "w", {"precision": {"use": "bf16_weights"}}), tmp_path / "w-run")
+    same_weights = {k: v.float() for k, v in bf16_trainer.run.require("trainable").state_dict().items()}
+    mixed = _step_inputs(tmp_path, "bf16_mixed", same_weights)
+    for name in ("x0", "noise", "t", "x_t", "target", "text"):
+        assert bf16[name].dtype == torch.float32, f"{name} is {bf16[name].dtype} under bf16_weights"
+        assert torch.equal(bf16[name], mixed[name]), f"{name} differs between bf16_weights and bf16_mixed"
+    # x_t written out: (1 − t)·x0 + t·ε in fp32, with t not rounded to bf16 first.
+    t = bf16["t"].reshape(-1, 1, 1, 1)
+    assert torch.equal(bf16["x_t"], (1 - t) * bf16["x0"] + t * bf16["noise"])
+
+
+def test_bf16_weights_without_autocast_still_runs_on_fp32_data(tmp_path: Path) -> None:
+    inputs = _step_inputs(tmp_path, "bf16_weights", None)
+    assert inputs["x_t"].dtype == torch.float32
+    recipe = tiny_recipe(tmp_path / "no-autocast", {"precision": {"use": "bf16_weights", "autocast": False}})
+    from prx_core.testing.fixtures import make_trainer, run_steps
+
+    trainer = make_trainer(recipe, tmp_path / "run-no-autocast")
+    assert all(torch.isfinite(torch.tensor(run_steps(trainer, 1))))

@@ -53,7 +53,7 @@ ALL_RECIPES = sorted(RECIPES.rglob("*.toml"))
 FAMILIES = {"ablations": "../baseline.toml", "pixel_1024": "../pixel_1024.toml", "mini": "baseline.toml"}
 #: Files inside a family folder that are the family's parent, not one of its ablations.
 FAMILY_PARENTS = {"mini/baseline.toml"}
-#: Family folder -> the SPEC §5 table its children's references point into.
+#: Family folder -> the reference.md §5 table its children's references point into.
 FAMILY_TABLES = {"ablations": "latent_256", "pixel_1024": "pixel_1024", "mini": "latent_256"}
 #: Top-level keys that describe a recipe without changing what it trains.
 METADATA = ("extends", "name", "description", "reference")
@@ -63,7 +63,7 @@ SHAPE_KEYS = {"in_channels", "patch_size", "bottleneck_size"}
 EXCEPTIONS: dict[str, tuple[set[str], str]] = {
     "ablations/repa_e_vae.toml": (
         {"latent_space", "plugins.repa"},
-        "SPEC §5 publishes the REPA-E VAE only together with REPA ('REPA-E VAE (+REPA)')",
+        "reference.md §5 publishes the REPA-E VAE only together with REPA ('REPA-E VAE (+REPA)')",
     ),
 }
 #: The mini-study's recipes (docs/study.md explains why REPA is not among them).
@@ -140,11 +140,11 @@ def test_the_study_recipes_exist() -> None:
     assert {p.stem for p in (RECIPES / "mini").glob("*.toml")} == MINI
     references = {loaded(p).reference for p in ALL_RECIPES if "mini" not in p.parts}
     for key, row in PUBLISHED.items():  # every published row has a recipe that reproduces it
-        assert key in references, f"no recipe reproduces SPEC §5 row {key} ({row.experiment})"
+        assert key in references, f"no recipe reproduces reference.md §5 row {key} ({row.experiment})"
 
 
 def test_run_names_are_distinct() -> None:
-    """Each recipe's name is its run directory (runs/<name>): shared names overwrite (SPEC §7.5)."""
+    """Each recipe's name is its run directory (runs/<name>): shared names overwrite (reference.md §7.5)."""
     names: dict[str, Path] = {}
     for path in ALL_RECIPES:
         name = loaded(path).name
@@ -208,7 +208,7 @@ def test_reference_names_the_published_row_of_the_same_experiment(path: Path) ->
     if key in PUBLISHED:
         assert reference == key
     else:
-        assert reference == "", f"{rel(path)} reproduces no SPEC §5 row but says reference = {reference!r}"
+        assert reference == "", f"{rel(path)} reproduces no reference.md §5 row but says reference = {reference!r}"
 
 
 # --------------------------------------------------------------------------- reasons for values
@@ -271,7 +271,7 @@ def has_comment(value_text: str) -> bool:
 
 @pytest.mark.parametrize("path", [p for p in ALL_RECIPES if rel(p) not in NOT_STUDY], ids=rel)
 def test_every_non_default_value_has_a_one_line_reason(path: Path) -> None:
-    """DESIGN principle 6: a value that differs from its plugin's default carries a comment saying why
+    """A recipe rule: a value that differs from its plugin's default carries a comment saying why
     (on its line, or on the comment line just above it)."""
     table = ""
     previous = ""

@@ -90,7 +90,7 @@ def test_recipe_check_and_two_training_steps(tmp_path: Path, tiny_dir: Path) -> 
     with pytest.raises(RecipeError, match="produces 32 channels"):
         tiny_recipe(tmp_path / "default", {"latent_space": {"use": "dc_ae"}})
     with pytest.raises(RecipeError, match="divisible by latent compression × patch size = 64"):
-        # SPEC: DC-AE is used with patch 1; patch 2 at 32x needs images divisible by 64.
+        # reference.md §4: DC-AE is used with patch 1; patch 2 at 32x needs images divisible by 64.
         tiny_recipe(
             tmp_path / "size", {"latent_space": {"use": "dc_ae"}, "model": {"in_channels": 32, "patch_size": 2}}
         )

@@ -32,7 +32,7 @@ timm = pytest.importorskip("timm")
 
 CPU = torch.device("cpu")
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
-#: A small multiple of the patch size keeps most tests fast; one test runs at the SPEC's 518.
+#: A small multiple of the patch size keeps most tests fast; one test runs at the published 518.
 RES = 56
 
 

@@ -250,7 +250,7 @@ def test_generate_with_moving_average_equals_loading_it(tmp_path: Path) -> None:
 
 
 def test_validation_loss_is_measured_on_the_ema_weights(tmp_path: Path) -> None:
-    """SPEC §4: metrics use the EMA weights when EMA is on, the validation loss included."""
+    """reference.md §4: metrics use the EMA weights when EMA is on, the validation loss included."""
     from prx_core.evaluation import validation_loss
 
     recipe = tiny_recipe(tmp_path, {"plugins": {"ema": {"decay": 0.5, "every": 1}}})

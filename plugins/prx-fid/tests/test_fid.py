@@ -1,6 +1,6 @@
 """Tests for the ``fid`` metric: the real FID Inception architecture with random weights (built by
 torch-fidelity itself, its download bypassed), loaded back through the plugin's loading path and
-compared with torchmetrics on the same images; the input range pitfall (SPEC §7.2); the Fréchet
+compared with torchmetrics on the same images; the input range pitfall (reference.md §7.2); the Fréchet
 distance against torchmetrics' FID; recipe binding and the factory."""
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def features_ab(metric: FidMetric) -> torch.Tensor:
     return metric.features(torch.cat([SET_A, SET_B]), [""] * 6)
 
 
-# --------------------------------------------------------------------------- input range (SPEC §7.2)
+# --------------------------------------------------------------------------- input range (reference.md §7.2)
 
 
 def test_to_uint8_rounds_and_clamps_instead_of_wrapping() -> None:

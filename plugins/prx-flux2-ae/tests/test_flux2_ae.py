@@ -133,7 +133,7 @@ def test_recipe_check(tmp_path: Path, tiny_dir: Path) -> None:
     assert packed.slot_config("latent_space").channels == 12
     with pytest.raises(RecipeError, match="produces 12 channels"):
         tiny_recipe(tmp_path / "bad", _packed_patch(tiny_dir))
-    # The SPEC's 32-channel AE with a 3-channel model fails `prx-run check` (no weights needed).
+    # The the published 32-channel AE with a 3-channel model fails `prx-run check` (no weights needed).
     bad = write_recipe(tmp_path / "cli", {"latent_space": {"use": "flux2_ae"}})
     assert cmd_check([str(bad)]) == 1
 

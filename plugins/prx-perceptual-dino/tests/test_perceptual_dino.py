@@ -87,7 +87,7 @@ def test_config_defaults_follow_the_spec() -> None:
 
 
 def test_recipe_check_rejects_the_velocity_objective(tmp_path: Path) -> None:
-    """SPEC §7.3: the reference crashed at start-up; here the recipe check names what is missing."""
+    """reference.md §7.3: the reference crashed at start-up; here the recipe check names what is missing."""
     path = write_recipe(tmp_path, {"plugins": {"perceptual_dino": {}}})
     with pytest.raises(RecipeError, match="requires objective:x_prediction"):
         load(path)
@@ -137,7 +137,7 @@ def test_resolution_sets_the_token_grid(encoder: FrozenEncoder) -> None:
         perceptual_dino_loss(encoder, torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), 224)
     finally:
         del encoder.patch_tokens
-    assert seen == [(16, 16), (16, 16)]  # 224 px with /14 patches (SPEC §4)
+    assert seen == [(16, 16), (16, 16)]  # 224 px with /14 patches (reference.md §4)
 
 
 # --------------------------------------------------------------------------- hooks

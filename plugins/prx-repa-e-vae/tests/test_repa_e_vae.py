@@ -91,7 +91,7 @@ def test_recipe_check_and_two_training_steps(tmp_path: Path, tiny_dir: Path) -> 
     table = {"use": "repa_e_vae", "path": str(tiny_dir), "channels": 3, "spatial_compression": 2}
     with pytest.raises(RecipeError, match="produces 3 channels"):
         tiny_recipe(tmp_path / "bad", {"latent_space": table, "model": {"in_channels": 16}})
-    with pytest.raises(RecipeError, match="produces 16 channels"):  # SPEC §7.4: REPA-E VAE + pixel model
+    with pytest.raises(RecipeError, match="produces 16 channels"):  # reference.md §7.4: REPA-E VAE + pixel model
         tiny_recipe(tmp_path / "default", {"latent_space": {"use": "repa_e_vae"}})
     trainer = make_trainer(tiny_recipe(tmp_path / "ok", {"latent_space": table}), tmp_path / "run")
     assert all(math.isfinite(loss) for loss in run_steps(trainer, 2))

@@ -22,7 +22,7 @@ __all__ = ["INFO", "AimConfig", "prx_register_trackers"]
 INFO = PluginInfo(
     name="aim",
     summary="Tracker: metrics with train/eval/t-bin contexts, resolved recipe, plugin versions and sample grids in Aim",
-    spec="DESIGN (tracking); issue 7 item 3",
+    spec="reference.md §6 (tracking)",
 )
 
 

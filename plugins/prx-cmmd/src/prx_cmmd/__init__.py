@@ -1,4 +1,4 @@
-"""Metric ``cmmd``: CLIP-MMD between generated and held-out real images (SPEC §6, arXiv 2401.09603).
+"""Metric ``cmmd``: CLIP-MMD between generated and held-out real images (reference.md §6, arXiv 2401.09603).
 
 CLIP ViT-L/14-336 image embeddings (L2-normalised) of both sets, compared with the squared
 maximum mean discrepancy under a Gaussian RBF kernel with σ = 10, biased estimator (all pairs,
@@ -27,7 +27,7 @@ class CmmdConfig:
     """The ``[metrics.cmmd]`` table."""
 
     #: Hub id or local directory of a ``CLIPVisionModelWithProjection`` (a full CLIP checkpoint
-    #: works too: its text tower is skipped). SPEC §6: CLIP ViT-L/14 at 336 px.
+    #: works too: its text tower is skipped). reference.md §6: CLIP ViT-L/14 at 336 px.
     model: str = "openai/clip-vit-large-patch14-336"
     #: Directory inside ``model`` holding it, e.g. a pipeline's ``"image_encoder"``.
     subfolder: str = ""
@@ -40,7 +40,7 @@ class CmmdConfig:
 INFO = PluginInfo(
     name="cmmd",
     summary="Metric: CMMD, RBF-kernel MMD (σ 10, ×1000) of CLIP ViT-L/14-336 image embeddings",
-    spec="SPEC §6",
+    spec="reference.md §6",
     paper="https://arxiv.org/abs/2401.09603",
 )
 

@@ -1,4 +1,4 @@
-"""CLIP image embeddings and the ``cmmd`` metric object (SPEC §6, arXiv 2401.09603).
+"""CLIP image embeddings and the ``cmmd`` metric object (reference.md §6, arXiv 2401.09603).
 
 One loading path, :func:`load_clip`: ``CLIPVisionModelWithProjection.from_pretrained`` on a hub id
 or a local directory (optionally a ``subfolder`` such as a pipeline's ``image_encoder``). The

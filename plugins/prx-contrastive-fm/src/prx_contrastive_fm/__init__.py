@@ -1,4 +1,4 @@
-"""Loss term ``contrastive_fm``: contrastive flow matching (ΔFM, arXiv 2506.05350, SPEC §4).
+"""Loss term ``contrastive_fm``: contrastive flow matching (ΔFM, arXiv 2506.05350, reference.md §4).
 
 Adds −λ·MSE(v̂, roll(v_target, 1)) to the loss: each sample's predicted velocity is pushed away
 from the target velocity of its neighbour in the batch, which discourages the conditional flows
@@ -43,7 +43,7 @@ class ContrastiveFMConfig:
 INFO = PluginInfo(
     name="contrastive_fm",
     summary="Loss term: −λ·MSE(predicted velocity, target velocity of the next sample in the batch)",
-    spec="SPEC §4 (contrastive flow matching)",
+    spec="reference.md §4 (contrastive flow matching)",
     paper="https://arxiv.org/abs/2506.05350",
     config=ContrastiveFMConfig,
 )

@@ -1,4 +1,4 @@
-"""Latent space ``dc_ae``: the frozen Deep Compression Autoencoder ``AutoencoderDC`` (SPEC §4).
+"""Latent space ``dc_ae``: the frozen Deep Compression Autoencoder ``AutoencoderDC`` (reference.md §4).
 
 32 channels at 1/32 resolution (used with PRX patch 1), latents ``z · scaling_factor`` with the
 factor from the checkpoint's config, as SANA does. DC-AE is deterministic: its encoder returns
@@ -25,7 +25,7 @@ __all__ = ["INFO", "DCAEConfig", "prx_register_latent_spaces"]
 INFO = PluginInfo(
     name="dc_ae",
     summary="Latent space: frozen DC-AE (AutoencoderDC), 32 ch at 32x, deterministic, scaled by its config",
-    spec="SPEC §4 (DC-AE)",
+    spec="reference.md §4 (DC-AE)",
     paper="https://arxiv.org/abs/2410.10733",
 )
 

@@ -1,4 +1,4 @@
-"""Metric ``dino_mmd``: RBF MMD of DINOv2 CLS features, generated vs held-out real (SPEC §6).
+"""Metric ``dino_mmd``: RBF MMD of DINOv2 CLS features, generated vs held-out real (reference.md §6).
 
 DINOv2-L/14 with registers (arXiv 2304.07193, 2309.16588) CLS tokens at 518 px, L2-normalised,
 compared with the same estimator as CMMD: Gaussian RBF kernel σ = 10, biased (all pairs, diagonal
@@ -27,11 +27,11 @@ __all__ = ["INFO", "DinoMmdConfig", "prx_register_metrics"]
 class DinoMmdConfig:
     """The ``[metrics.dino_mmd]`` table."""
 
-    #: A short name from ``prx_core.vision.TEACHERS`` or a timm ViT id (SPEC §6: DINOv2-L/14-reg).
+    #: A short name from ``prx_core.vision.TEACHERS`` or a timm ViT id (reference.md §6: DINOv2-L/14-reg).
     encoder: str = "dinov2_vitl14_reg"
     #: Local ``.safetensors``/``.pth`` state dict of the encoder. Empty: timm's hub download.
     weights: str = ""
-    #: Side in pixels images are resized to; a multiple of the encoder's patch size (SPEC §6: 518).
+    #: Side in pixels images are resized to; a multiple of the encoder's patch size (reference.md §6: 518).
     resolution: int = 518
     #: Extra ``timm.create_model`` arguments (``embed_dim``, ``depth``, ``num_heads``…), only for
     #: tests and toy runs with a tiny encoder from a local ``weights`` file.
@@ -47,7 +47,7 @@ class DinoMmdConfig:
 INFO = PluginInfo(
     name="dino_mmd",
     summary="Metric: RBF MMD (σ 10, ×1000) of L2-normalised DINOv2-L/14-reg CLS features at 518 px",
-    spec="SPEC §6",
+    spec="reference.md §6",
     paper="https://arxiv.org/abs/2304.07193",
 )
 

@@ -21,7 +21,7 @@ class DinoMmdMetric:
         if resolution % encoder.patch_size:
             raise ValueError(
                 f"dino_mmd: resolution {resolution} is not a multiple of the encoder's patch size "
-                f"{encoder.patch_size} ({encoder.timm_id}); SPEC §6 uses 518 = 37 × 14"
+                f"{encoder.patch_size} ({encoder.timm_id}); the published DINO-MMD uses 518 = 37 × 14"
             )
         self.encoder = encoder
         self.resolution = resolution

@@ -1,8 +1,8 @@
-"""Plugin ``ema``: an exponential moving average of every trainable weight (SPEC §4).
+"""Plugin ``ema``: an exponential moving average of every trainable weight (reference.md §4).
 
 ema ← s·ema + (1 − s)·w every ``every`` optimizer steps, over the parameters *and* buffers of the
 whole ``run.trainable`` (the denoiser plus every plugin's extra modules, so a SPRINT fusion layer
-or a resolution embedder is averaged and used at sampling too, SPEC §7.8). The copy is kept in
+or a resolution embedder is averaged and used at sampling too, reference.md §7.8). The copy is kept in
 the precision policy's ``state_dtype`` (fp32 even when the weights are bf16), sampling and metrics
 use it, and it is checkpointed so a resume continues bitwise.
 
@@ -63,7 +63,7 @@ class EMAConfig:
 INFO = PluginInfo(
     name="ema",
     summary="EMA of all trainable weights and buffers (fp32), used for sampling/metrics, resumed exactly",
-    spec="SPEC §4 (EMA), §7.8",
+    spec="reference.md §4 (EMA), §7.8",
     config=EMAConfig,
 )
 

@@ -19,7 +19,7 @@ class _HasStateDtype(Protocol):
 def ema_dtype(precision: _HasStateDtype) -> torch.dtype:
     """The dtype the average is kept in: the precision policy's ``state_dtype``, never hard-coded.
 
-    That is fp32 in every shipped policy, bf16 weights included, and it has to be (SPEC §4): with
+    That is fp32 in every shipped policy, bf16 weights included, and it has to be (reference.md §4): with
     s = 0.999 each update moves the average by 0.1% of its gap to the weights, below bf16's
     relative resolution of 2⁻⁸ ≈ 0.4%, so a bf16 average would stop moving.
     """

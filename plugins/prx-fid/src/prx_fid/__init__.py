@@ -1,9 +1,9 @@
-"""Metric ``fid``: Fréchet Inception Distance of generated vs held-out real images (SPEC §6).
+"""Metric ``fid``: Fréchet Inception Distance of generated vs held-out real images (reference.md §6).
 
 Inception-v3 2048-d pool features (the network torchmetrics' FID uses, arXiv 1706.08500), Gaussian
 fits of both sets, and their Fréchet distance in float64 (:mod:`prx_core.metrics_math`). Images
 reach the network as uint8 in [0, 255] converted once from our [0, 1] floats, never scaled twice
-(the reference's wrap-around bug, SPEC §7.2).
+(the reference's wrap-around bug, reference.md §7.2).
 
 Importing this module is torch-free; the network loads in the factory.
 """
@@ -37,7 +37,7 @@ class FidConfig:
 INFO = PluginInfo(
     name="fid",
     summary="Metric: Fréchet Inception Distance (Inception-v3 pool features, torchmetrics' network)",
-    spec="SPEC §6, §7.2",
+    spec="reference.md §6, §7.2",
     paper="https://arxiv.org/abs/1706.08500",
 )
 

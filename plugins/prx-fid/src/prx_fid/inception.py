@@ -1,4 +1,4 @@
-"""The FID Inception-v3 feature network and the ``fid`` metric object (SPEC §6).
+"""The FID Inception-v3 feature network and the ``fid`` metric object (reference.md §6).
 
 The network is the one torchmetrics' ``FrechetInceptionDistance`` uses (its ``NoTrainInceptionV3``,
 built on torch-fidelity's ``FeatureExtractorInceptionV3``): the TF-slim Inception-v3 of the original
@@ -9,7 +9,7 @@ because that constructor always loads weights itself with full unpickling (``tor
 ``weights_only`` off, which can run arbitrary code and which prx never does); here weights are read
 as safetensors or with ``weights_only=True``.
 
-Input range (SPEC §7.2): the network takes uint8 images in [0, 255]. Our images are floats in
+Input range (reference.md §7.2): the network takes uint8 images in [0, 255]. Our images are floats in
 [0, 1]; :func:`to_uint8` clamps and rounds them once. The reference instead handed uint8 images
 to torchmetrics with ``normalize=True``, which multiplies by 255 *again* in uint8 arithmetic and
 wraps around (2 → 510 mod 256 = 254), so the network saw scrambled images.
@@ -140,7 +140,7 @@ def to_uint8(images_BCHW: torch.Tensor) -> torch.Tensor:
         shape = tuple(images_BCHW.shape) if isinstance(images_BCHW, torch.Tensor) else type(images_BCHW).__name__
         raise ValueError(f"fid: expected RGB images [B, 3, H, W], got {shape}")
     if not images_BCHW.is_floating_point():
-        # Multiplying uint8 images by 255 again is exactly the reference's wrap-around bug (SPEC §7.2).
+        # Multiplying uint8 images by 255 again is exactly the reference's wrap-around bug (reference.md §7.2).
         raise ValueError(f"fid: expected float images in [0, 1], got {images_BCHW.dtype}; pass images / 255")
     return (images_BCHW.detach().float().clamp(0.0, 1.0) * 255).round().to(torch.uint8)
 
@@ -202,7 +202,7 @@ def load_inception(
 
 
 class FidMetric:
-    """``fid``: Fréchet distance between Gaussian fits of Inception pool features (SPEC §6)."""
+    """``fid``: Fréchet distance between Gaussian fits of Inception pool features (reference.md §6)."""
 
     name = "fid"
     needs_reference = True

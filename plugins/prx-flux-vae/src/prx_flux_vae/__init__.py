@@ -1,4 +1,4 @@
-"""Latent space ``flux_vae``: the frozen FLUX.1 ``AutoencoderKL`` (SPEC §3 baseline).
+"""Latent space ``flux_vae``: the frozen FLUX.1 ``AutoencoderKL`` (reference.md §3 baseline).
 
 Images in [0, 1] are encoded to 16 channels at 1/8 resolution and normalised as
 ``(z − shift_factor) · scaling_factor`` with FLUX.1's 0.1159 and 0.3611; decoding inverts exactly
@@ -25,7 +25,7 @@ __all__ = ["INFO", "FluxVAEConfig", "prx_register_latent_spaces"]
 INFO = PluginInfo(
     name="flux_vae",
     summary="Latent space: frozen FLUX.1 AutoencoderKL, 16 ch at 8x, latents (z - 0.1159) * 0.3611",
-    spec="SPEC §3 (baseline), §4",
+    spec="reference.md §3 (baseline), §4",
     paper="https://arxiv.org/abs/2506.15742",
 )
 

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 
 
 def normalise(z_BCHW: torch.Tensor, shift: float, scale: float) -> torch.Tensor:
-    """Raw autoencoder latents to the denoiser's: (z − shift) · scale (SPEC §3)."""
+    """Raw autoencoder latents to the denoiser's: (z − shift) · scale (reference.md §3)."""
     return (z_BCHW - shift) * scale
 
 

@@ -1,10 +1,10 @@
-"""Latent space ``flux2_ae``: the frozen FLUX.2 autoencoder ``AutoencoderKLFlux2`` (SPEC §4).
+"""Latent space ``flux2_ae``: the frozen FLUX.2 autoencoder ``AutoencoderKLFlux2`` (reference.md §4).
 
 Not a plain KL VAE with a scale: FLUX.2 normalises its latents with the running mean and variance
 of a batch-norm layer (``bn``, no affine part) kept over 2×2-patchified latents, i.e. per
 (channel, sub-pixel) pair, 4 × 32 = 128 statistics. The plugin patchifies exactly as diffusers'
 ``Flux2Pipeline`` does, normalises with ``(x − running_mean) / sqrt(running_var + eps)``, and
-(by default) un-patchifies again, so the denoiser sees 32 channels at 1/8 resolution — SPEC's
+(by default) un-patchifies again, so the denoiser sees 32 channels at 1/8 resolution — the published
 "in_ch 32" with the PRX patch 2, whose 2×2 unfold puts the same 128 values in each token.
 ``layout = "packed"`` hands over the patchified 128 channels at 1/16 instead (use patch 1).
 
@@ -31,7 +31,7 @@ AE_PATCH = 2
 INFO = PluginInfo(
     name="flux2_ae",
     summary="Latent space: frozen FLUX.2 AutoencoderKLFlux2, 32 ch at 8x, batch-norm statistics normalisation",
-    spec="SPEC §4 (FLUX.2 AE)",
+    spec="reference.md §4 (FLUX.2 AE)",
     paper="https://bfl.ai/blog/flux-2",
 )
 

@@ -1,4 +1,4 @@
-"""Data source ``image_folder``: a folder of images with a caption sidecar (SPEC §3, §4).
+"""Data source ``image_folder``: a folder of images with a caption sidecar (reference.md §3, §4).
 
 Images anywhere under ``root`` (jpg, jpeg, png, webp), captions in one JSONL or CSV file whose
 ``file`` column names each image relative to ``root``; every other column is a caption key
@@ -27,7 +27,7 @@ __all__ = ["INFO", "ImageFolderConfig", "prx_register_data_sources"]
 INFO = PluginInfo(
     name="image_folder",
     summary="Data: a folder of images with a JSONL/CSV caption sidecar; aspect buckets, exact resume, bad-data guard",
-    spec="SPEC §3 (buckets), §4 (caption length)",
+    spec="reference.md §3 (buckets), §4 (caption length)",
     paper="https://arxiv.org/abs/2307.01952",
 )
 

@@ -1,4 +1,4 @@
-"""Loss term ``irepa``: REPA that emphasises spatial structure (SPEC §4, iREPA).
+"""Loss term ``irepa``: REPA that emphasises spatial structure (reference.md §4, iREPA).
 
 iREPA (Singh et al. 2025, arXiv 2512.10794) keeps REPA's recipe (align the tokens after block
 ``layer`` with a frozen DINOv2/DINOv3's patch tokens of the clean image, −λ·mean cos-sim) and
@@ -14,7 +14,7 @@ plan covers the layer. The attention projector works on any subset of tokens.
 
 Importing this module is torch-free. The teacher is loaded in :func:`prx_configure` through
 :mod:`prx_core.vision`, kept in ``run.plugin_state``, never returned from ``prx_build_modules``
-and never saved in checkpoints (SPEC §7.9). The projector is ``run.trainable.extras["irepa"]``.
+and never saved in checkpoints (reference.md §7.9). The projector is ``run.trainable.extras["irepa"]``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ __all__ = [
 class IrepaConfig:
     """The ``[plugins.irepa]`` table."""
 
-    #: λ: the total loss gains −λ·mean cos-sim (as REPA, SPEC §4: 0.5).
+    #: λ: the total loss gains −λ·mean cos-sim (as REPA, reference.md §4: 0.5).
     weight: float = 0.5
     #: 0-based index of the block whose output tokens are aligned (as REPA: 7, block 8 of 16).
     layer: int = 7
@@ -86,7 +86,7 @@ class IrepaConfig:
 INFO = PluginInfo(
     name="irepa",
     summary="Loss term: REPA with spatially normalised targets and a conv/attention projector (iREPA)",
-    spec="SPEC §4 (iREPA)",
+    spec="reference.md §4 (iREPA)",
     paper="https://arxiv.org/abs/2512.10794",
     config=IrepaConfig,
 )

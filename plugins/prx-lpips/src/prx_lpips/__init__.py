@@ -1,15 +1,15 @@
-"""Loss term ``lpips``: LPIPS-VGG between the x-prediction x̂0 and x0 in pixel space (SPEC §4).
+"""Loss term ``lpips``: LPIPS-VGG between the x-prediction x̂0 and x0 in pixel space (reference.md §4).
 
 LPIPS (Zhang et al. 2018, arXiv 1801.03924) compares deep VGG16 features of two images with
 linear weights calibrated on human perceptual judgements. Here it is a differentiable loss on the
 objective's x̂0: gradients flow through the frozen network into x̂0 and from there into the
 denoiser. It only makes sense where x̂0 is an image, so the plugin requires the x-prediction
 objective and the pixel latent space, and ``prx-run check`` rejects any other recipe before a
-model is built (SPEC §7.3).
+model is built (reference.md §7.3).
 
 Importing this module is torch-free; the network loads in :func:`prx_configure`. The network is a
 frozen teacher: it is kept in ``run.plugin_state``, never returned from ``prx_build_modules`` and
-never saved in checkpoints (SPEC §7.9); a resumed run reloads it from its weights.
+never saved in checkpoints (reference.md §7.9); a resumed run reloads it from its weights.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ __all__ = ["INFO", "LPIPSConfig", "prx_configure", "prx_loss_terms"]
 class LPIPSConfig:
     """The ``[plugins.lpips]`` table."""
 
-    #: Weight of the term in the total loss (SPEC §4: 0.1).
+    #: Weight of the term in the total loss (reference.md §4: 0.1).
     weight: float = 0.1
     #: Scale factor applied (bilinear, antialiased) to both images before the VGG; 0.5 turns
     #: 1024 px into 512 px. 1.0 leaves them unchanged. The result must be >= 16 px per side.
@@ -61,7 +61,7 @@ class LPIPSConfig:
 INFO = PluginInfo(
     name="lpips",
     summary="Loss term: LPIPS-VGG perceptual distance between x̂0 and x0 in pixel space (x-prediction)",
-    spec="SPEC §4 (LPIPS)",
+    spec="reference.md §4 (LPIPS)",
     paper="https://arxiv.org/abs/1801.03924",
     requires=("objective:x_prediction", "latent_space:pixel"),
     config=LPIPSConfig,

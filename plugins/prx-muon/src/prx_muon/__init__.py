@@ -1,10 +1,10 @@
-"""Optimizer ``muon``: Muon on every 2-D weight inside the transformer blocks, AdamW on the rest (SPEC §4).
+"""Optimizer ``muon``: Muon on every 2-D weight inside the transformer blocks, AdamW on the rest (reference.md §4).
 
 Muon orthogonalises the Nesterov momentum of each weight matrix with a Newton–Schulz quintic
 (Keller Jordan, https://kellerjordan.github.io/posts/muon/) and scales the update by
 0.2·√max(m, n) so the AdamW learning rate carries over (Moonshot, arXiv 2502.16982). Embedders,
 the final layer, norms, biases and every module other plugins add (``extras.*``) use AdamW.
-Runs on one device, under DDP and under FSDP2 (SPEC §7.7); see :mod:`prx_muon.optimizer`.
+Runs on one device, under DDP and under FSDP2 (reference.md §7.7); see :mod:`prx_muon.optimizer`.
 
 Importing this module is torch-free; torch loads in the factory.
 """
@@ -25,7 +25,7 @@ __all__ = ["INFO", "MuonConfig", "build_optimizer", "prx_register_optimizers"]
 INFO = PluginInfo(
     name="muon",
     summary="Muon (Nesterov, batched Newton-Schulz, 0.2*sqrt(max(m,n))) on block matrices + AdamW on the rest",
-    spec="SPEC §4 (Muon), §7.7",
+    spec="reference.md §4 (Muon), §7.7",
     paper="https://arxiv.org/abs/2502.16982",
 )
 
@@ -44,7 +44,7 @@ class MuonConfig:
     ns_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     #: Decoupled weight decay of the Muon group: W ← W·(1 − lr·wd).
     weight_decay: float = 0.0
-    #: Learning rate of the AdamW group; unset: ``lr`` (SPEC: 1e-4 for both groups).
+    #: Learning rate of the AdamW group; unset: ``lr`` (reference.md §4: 1e-4 for both groups).
     adamw_lr: float | None = None
     adamw_betas: tuple[float, float] = (0.9, 0.95)
     adamw_eps: float = 1e-15

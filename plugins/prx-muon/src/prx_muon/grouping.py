@@ -1,4 +1,4 @@
-"""Which parameters Muon trains and which AdamW trains (SPEC §4, Muon)."""
+"""Which parameters Muon trains and which AdamW trains (reference.md §4, Muon)."""
 
 from __future__ import annotations
 

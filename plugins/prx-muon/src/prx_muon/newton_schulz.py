@@ -1,4 +1,4 @@
-"""Newton–Schulz orthogonalisation, batched over same-shape matrices (SPEC §4, Muon).
+"""Newton–Schulz orthogonalisation, batched over same-shape matrices (reference.md §4, Muon).
 
 The quintic iteration X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ pushes every singular value of a
 matrix with spectral norm ≤ 1 towards 1 (Keller Jordan's coefficients maximise the slope at 0;

@@ -4,7 +4,7 @@ One :class:`torch.optim.Optimizer` subclass with two parameter groups (``name`` 
 ``"adamw"``), so ``state_dict``/``load_state_dict``, ``LambdaLR`` schedules, per-group LR
 reporting and checkpoints work as for any torch optimizer.
 
-Muon update, per matrix W with gradient G (SPEC §4):
+Muon update, per matrix W with gradient G (reference.md §4):
 
     B ← β·B + G                         momentum buffer (β = 0.95)
     U = G + β·B  (Nesterov)  or  B
@@ -17,7 +17,7 @@ bitwise equal to it when weights and state share a dtype), but keeps its moments
 ``state_dtype`` whatever the weights' dtype: under the ``bf16_weights`` precision policy the
 moments stay fp32, which ``torch.optim.AdamW`` cannot do.
 
-Where Newton–Schulz runs (SPEC §7.7: the reference only worked under FSDP2 with a 1-D mesh):
+Where Newton–Schulz runs (reference.md §7.7: the reference only worked under FSDP2 with a 1-D mesh):
 
 * **Single process**: every same-shape batch is orthogonalised locally with batched matmuls.
 * **Replicated parameters (DDP)**: every rank holds the same averaged gradient, so the momentum

@@ -1,4 +1,4 @@
-"""Loss term ``perceptual_dino``: DINOv2 feature distance between x̂0 and x0 (SPEC §4, Perceptual DINO).
+"""Loss term ``perceptual_dino``: DINOv2 feature distance between x̂0 and x0 (reference.md §4, Perceptual DINO).
 
 The objective's clean-image estimate x̂0 and the clean image x0 both go through a frozen
 DINOv2-B/14 (arXiv 2304.07193) with registers (arXiv 2309.16588) at 224 px; the term is 1 − cosine similarity of
@@ -6,12 +6,12 @@ their patch tokens, averaged over tokens and samples. Gradients flow through the
 into x̂0 and from there into the denoiser, like LPIPS but with self-supervised ViT features.
 
 x̂0 is an image only with the x-prediction objective in pixel space, so the plugin requires both
-and ``prx-run check`` rejects any other recipe before a model is built (SPEC §7.3; the reference
+and ``prx-run check`` rejects any other recipe before a model is built (reference.md §7.3; the reference
 crashed at start-up instead).
 
 Importing this module is torch-free. The encoder is loaded in :func:`prx_configure` through
 :mod:`prx_core.vision`, kept in ``run.plugin_state``, never returned from ``prx_build_modules``
-and never saved in checkpoints (SPEC §7.9).
+and never saved in checkpoints (reference.md §7.9).
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ __all__ = ["INFO", "PerceptualDinoConfig", "loaded_encoder", "prx_configure", "p
 class PerceptualDinoConfig:
     """The ``[plugins.perceptual_dino]`` table."""
 
-    #: Weight of the term in the total loss (SPEC §4: 0.01).
+    #: Weight of the term in the total loss (reference.md §4: 0.01).
     weight: float = 0.01
-    #: A short name from ``prx_core.vision.TEACHERS`` or any timm ViT id (SPEC §4: DINOv2-B/14-reg).
+    #: A short name from ``prx_core.vision.TEACHERS`` or any timm ViT id (reference.md §4: DINOv2-B/14-reg).
     encoder: str = "dinov2_vitb14_reg"
     #: Local ``.safetensors``/``.pth`` state dict of the encoder. Empty: timm's hub download.
     weights: str = ""
     #: Side in pixels both images are resized to before the encoder; a multiple of its patch size
-    #: (SPEC §4: 224, a 16×16 token grid for /14 patches).
+    #: (reference.md §4: 224, a 16×16 token grid for /14 patches).
     resolution: int = 224
     #: Extra ``timm.create_model`` arguments (``embed_dim``, ``depth``, ``num_heads``…). Only for
     #: tests and toy-scale ablations with a tiny encoder from a local ``weights`` file.
@@ -59,7 +59,7 @@ class PerceptualDinoConfig:
 INFO = PluginInfo(
     name="perceptual_dino",
     summary="Loss term: 1 − cos of frozen DINOv2-B/14-reg patch tokens between x̂0 and x0 (x-prediction, pixels)",
-    spec="SPEC §4 (Perceptual DINO)",
+    spec="reference.md §4 (Perceptual DINO)",
     paper="https://arxiv.org/abs/2304.07193",
     requires=("objective:x_prediction", "latent_space:pixel"),
     config=PerceptualDinoConfig,

@@ -1,6 +1,6 @@
-"""Text encoder ``qwen3vl``: Qwen3-VL-Embedding-2B token states as the denoiser's text context (SPEC §4).
+"""Text encoder ``qwen3vl``: Qwen3-VL-Embedding-2B token states as the denoiser's text context (reference.md §4).
 
-The alternative to T5-Gemma in SPEC §4: the language model of Qwen3-VL-Embedding-2B (2048-d), used
+The alternative to T5-Gemma in reference.md §4: the language model of Qwen3-VL-Embedding-2B (2048-d), used
 text-only. Only the language model is loaded; the vision tower's weights are skipped.
 
 Importing this module stays cheap (no torch, no transformers): ``prx-run plugins`` and recipe
@@ -25,7 +25,7 @@ __all__ = ["INFO", "Qwen3VLEncoderConfig", "prx_register_text_encoders"]
 INFO = PluginInfo(
     name="qwen3vl",
     summary="Text encoder: Qwen3-VL-Embedding-2B language-model token states (2048-d), text only, with a mask",
-    spec="SPEC §4 (text encoders)",
+    spec="reference.md §4 (text encoders)",
     paper="https://arxiv.org/abs/2601.04720",
 )
 

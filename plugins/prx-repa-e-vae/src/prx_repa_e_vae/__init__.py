@@ -1,4 +1,4 @@
-"""Latent space ``repa_e_vae``: the REPA-E end-to-end tuned FLUX autoencoder (SPEC §4).
+"""Latent space ``repa_e_vae``: the REPA-E end-to-end tuned FLUX autoencoder (reference.md §4).
 
 The same ``AutoencoderKL`` architecture and latent maths as ``flux_vae`` (16 channels at 1/8
 resolution, latents ``(z − shift) · scale``), with the weights REPA-E fine-tuned jointly with a
@@ -26,7 +26,7 @@ __all__ = ["INFO", "RepaEVAEConfig", "prx_register_latent_spaces"]
 INFO = PluginInfo(
     name="repa_e_vae",
     summary="Latent space: frozen REPA-E end-to-end tuned FLUX AutoencoderKL, 16 ch at 8x",
-    spec="SPEC §4 (REPA-E VAE)",
+    spec="reference.md §4 (REPA-E VAE)",
     paper="https://arxiv.org/abs/2504.10483",
 )
 

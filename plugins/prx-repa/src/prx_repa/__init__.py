@@ -1,4 +1,4 @@
-"""Loss term ``repa``: representation alignment to a frozen vision encoder (SPEC §4, REPA).
+"""Loss term ``repa``: representation alignment to a frozen vision encoder (reference.md §4, REPA).
 
 REPA (Yu et al. 2024, arXiv 2410.06940) projects the image tokens after denoiser block ``layer``
 with a small trainable MLP and pulls them towards the patch tokens of a frozen self-supervised
@@ -7,7 +7,7 @@ by λ, so the total loss gains −λ·cos.
 
 Importing this module is torch-free (``prx-run plugins`` and recipe checks import it). The teacher
 is loaded in :func:`prx_configure` through :mod:`prx_core.vision`, kept in ``run.plugin_state``, never
-returned from ``prx_build_modules`` and never saved in checkpoints (SPEC §7.9): a resumed run
+returned from ``prx_build_modules`` and never saved in checkpoints (reference.md §7.9): a resumed run
 reloads it from its weights. The projector is a trainable module (``run.trainable.extras["repa"]``),
 so it is optimised, checkpointed and EMA-averaged with the model.
 """
@@ -42,16 +42,16 @@ __all__ = [
 class RepaConfig:
     """The ``[plugins.repa]`` table."""
 
-    #: λ: the total loss gains −λ·mean cos-sim (SPEC §4: 0.5).
+    #: λ: the total loss gains −λ·mean cos-sim (reference.md §4: 0.5).
     weight: float = 0.5
-    #: 0-based index of the block whose output tokens are aligned (SPEC §4: 7, i.e. block 8 of 16).
+    #: 0-based index of the block whose output tokens are aligned (reference.md §4: 7, i.e. block 8 of 16).
     layer: int = 7
     #: A short name from ``prx_core.vision.TEACHERS`` (``dinov2_vitl14_reg``, ``dinov3_vitl16``,
     #: ``dinov2_vitb14_reg``) or any timm ViT id.
     encoder: str = "dinov2_vitl14_reg"
     #: Local ``.safetensors``/``.pth`` state dict of the encoder. Empty: timm's hub download.
     weights: str = ""
-    #: Width of the projector's two hidden layers (SPEC §4: 1024). Its output width is always the
+    #: Width of the projector's two hidden layers (reference.md §4: 1024). Its output width is always the
     #: encoder's embedding width (1024 for the ViT-L teachers).
     projector_dim: int = 1024
     #: Extra ``timm.create_model`` arguments (``embed_dim``, ``depth``, ``num_heads``…). Only for
@@ -73,7 +73,7 @@ class RepaConfig:
 INFO = PluginInfo(
     name="repa",
     summary="Loss term: align block `layer` tokens (MLP projector) to frozen DINOv2/DINOv3 patch tokens (REPA)",
-    spec="SPEC §4 (REPA)",
+    spec="reference.md §4 (REPA)",
     paper="https://arxiv.org/abs/2410.06940",
     config=RepaConfig,
 )

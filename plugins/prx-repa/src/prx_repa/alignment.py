@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 def build_projector(hidden_size: int, projector_dim: int, embed_dim: int) -> torch.nn.Module:
-    """The REPA MLP H → d → d → E with SiLU (SPEC §4: H→1024→1024→1024 for a ViT-L teacher).
+    """The REPA MLP H → d → d → E with SiLU (reference.md §4: H→1024→1024→1024 for a ViT-L teacher).
 
     Default PyTorch init from the global generator, which core seeds from (recipe seed, plugin
     name) around ``prx_build_modules``, so the weights do not depend on plugin order.
@@ -44,7 +44,7 @@ def repa_targets(
 ) -> torch.Tensor:
     """Teacher patch tokens of the clean images on the denoiser's token grid, [B, K, E].
 
-    The images are resized so the teacher's patch grid equals the denoiser's (SPEC §4). When a
+    The images are resized so the teacher's patch grid equals the denoiser's (reference.md §4). When a
     token router routes block ``layer``, only the visible tokens are kept, in the router's order.
     No gradient: the teacher is a fixed target.
     """

@@ -1,4 +1,4 @@
-"""Plugin ``resolution_aware``: tell the denoiser the latent height and width (SPEC §4).
+"""Plugin ``resolution_aware``: tell the denoiser the latent height and width (reference.md §4).
 
 Two modes:
 
@@ -11,7 +11,7 @@ Two modes:
 
 Both go through core's conditioning seam: the module is built by ``prx_build_modules`` (so it is
 trained, checkpointed and averaged by EMA) and the seam reads it from ``ctx.extras``, so sampling
-with EMA weights uses the EMA copy of the embedder too (SPEC §7.8).
+with EMA weights uses the EMA copy of the embedder too (reference.md §7.8).
 
 Importing this module is torch-free; the modules are in :mod:`prx_resolution_aware.embedder`.
 """
@@ -56,7 +56,7 @@ class ResolutionAwareConfig:
 INFO = PluginInfo(
     name=NAME,
     summary="Conditions on the latent H and W: two text tokens (mode token) or a time-vector term (mode vec)",
-    spec="SPEC §4 (resolution-aware), §7.8",
+    spec="reference.md §4 (resolution-aware), §7.8",
     config=ResolutionAwareConfig,
 )
 

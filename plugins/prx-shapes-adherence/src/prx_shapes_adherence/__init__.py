@@ -32,7 +32,7 @@ class ShapesAdherenceConfig:
 INFO = PluginInfo(
     name="shapes_adherence",
     summary="Metric: colour, background and shape kind of generated synthetic shapes vs their long captions",
-    spec="SPEC §4 (caption length)",
+    spec="reference.md §4 (caption length)",
     requires=("data:synthetic_shapes",),
 )
 

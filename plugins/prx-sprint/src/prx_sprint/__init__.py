@@ -1,4 +1,4 @@
-"""Token router ``sprint``: a sparse block span fused with its dense input (SPRINT, SPEC §4).
+"""Token router ``sprint``: a sparse block span fused with its dense input (SPRINT, reference.md §4).
 
 SPRINT (sparse–dense residual fusion, arXiv 2510.21986) routes a large fraction p of each sample's
 image tokens (0.75) around blocks ``start..end`` like TREAD, but instead of passing the routed
@@ -9,7 +9,7 @@ tokens through unchanged it rebuilds the full sequence after ``end`` as
 where ``dense`` is the input of block ``start`` and ``fuse`` a Linear 2H → H. The fusion module
 (the Linear and the mask token) is built through ``prx_build_modules``, so it is optimised,
 EMA-averaged and checkpointed with the model, and the block loop takes it from ``ctx.extras``,
-so sampling with EMA weights uses the EMA fusion (SPEC §7.8). The fusion also runs at evaluation,
+so sampling with EMA weights uses the EMA fusion (reference.md §7.8). The fusion also runs at evaluation,
 where nothing is routed (p = 0).
 
 Importing this module is torch-free; the router is in :mod:`prx_sprint.router`, the fusion in
@@ -36,7 +36,7 @@ INFO = PluginInfo(
     name="sprint",
     summary="Token router: p = 0.75 of image tokens skip blocks start..end; after end a Linear 2H→H fuses "
     "the dense input with the sparse output (mask token at routed positions) (SPRINT)",
-    spec="SPEC §4 (SPRINT), §7.8",
+    spec="reference.md §4 (SPRINT), §7.8",
     paper="https://arxiv.org/abs/2510.21986",
 )
 
@@ -45,9 +45,9 @@ INFO = PluginInfo(
 class SprintConfig:
     """The ``[router]`` table when ``use = "sprint"``."""
 
-    #: First routed block (0-based); its input is the dense half of the fusion. SPEC §4: 2.
+    #: First routed block (0-based); its input is the dense half of the fusion. reference.md §4: 2.
     start: int = 2
-    #: Last routed block, inclusive (0-based; must be < model.depth). SPEC §4: 12 (of 16).
+    #: Last routed block, inclusive (0-based; must be < model.depth). reference.md §4: 12 (of 16).
     end: int = 12
     #: p, the fraction of each sample's image tokens that skips the span; ⌈(1 − p)·N⌉ stay.
     ratio: float = 0.75

@@ -4,7 +4,7 @@
 ⌈(1 − p)·N⌉ of the tokens; ``exit`` (after block ``end``) fuses the dense input with the span
 output through the :class:`~prx_sprint.fusion.SprintFusion` module of the weights being run,
 taken from ``ctx.extras`` — the trained module in a training step, the EMA copy when sampling
-with EMA (the reference forgot the fusion on the EMA copy, SPEC §7.8).
+with EMA (the reference forgot the fusion on the EMA copy, reference.md §7.8).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Text encoder ``t5gemma``: the T5-Gemma-2B encoder's token states as the denoiser's text context (SPEC §3, §4).
+"""Text encoder ``t5gemma``: T5-Gemma-2B encoder token states as the denoiser's text context (reference.md §3, §4).
 
 PRX's default text encoder: the encoder half of ``google/t5gemma-2b-2b-ul2`` (2304-d), prompts
 padded to 256 tokens with a mask. Only the encoder is loaded; the decoder's weights are skipped.
@@ -25,7 +25,7 @@ __all__ = ["INFO", "T5GemmaEncoderConfig", "prx_register_text_encoders"]
 INFO = PluginInfo(
     name="t5gemma",
     summary="Text encoder: T5-Gemma-2B encoder token states (2304-d), 256 tokens with a mask",
-    spec="SPEC §3 (baseline recipe), §4 (text encoders)",
+    spec="reference.md §3 (baseline recipe), §4 (text encoders)",
     paper="https://arxiv.org/abs/2504.06225",
 )
 

@@ -1,4 +1,4 @@
-"""Token router ``tread``: image tokens skip a span of blocks at random (TREAD, SPEC §4).
+"""Token router ``tread``: image tokens skip a span of blocks at random (TREAD, reference.md §4).
 
 TREAD (Krause et al. 2025, arXiv 2501.04765) routes a random fraction p of each sample's image
 tokens around blocks ``start..end`` (inclusive) during training: they bypass the span and are put
@@ -35,7 +35,7 @@ INFO = PluginInfo(
     name="tread",
     summary="Token router: a random fraction p of image tokens skips blocks start..end (TREAD); "
     "optional self-guidance at sampling",
-    spec="SPEC §4 (TREAD)",
+    spec="reference.md §4 (TREAD)",
     paper="https://arxiv.org/abs/2501.04765",
 )
 
@@ -44,9 +44,9 @@ INFO = PluginInfo(
 class TreadConfig:
     """The ``[router]`` table when ``use = "tread"``."""
 
-    #: First routed block (0-based). SPEC §4: 2.
+    #: First routed block (0-based). reference.md §4: 2.
     start: int = 2
-    #: Last routed block, inclusive (0-based; must be < model.depth). SPEC §4: 12 (of 16).
+    #: Last routed block, inclusive (0-based; must be < model.depth). reference.md §4: 12 (of 16).
     end: int = 12
     #: p, the fraction of each sample's image tokens that skips the span; ⌈(1 − p)·N⌉ stay.
     ratio: float = 0.5

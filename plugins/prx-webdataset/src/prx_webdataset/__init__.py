@@ -1,4 +1,4 @@
-"""Data source ``webdataset``: WebDataset tar shards with random access (SPEC §3, §4).
+"""Data source ``webdataset``: WebDataset tar shards with random access (reference.md §3, §4).
 
 Shards are local paths, globs, brace ranges (``shard-{00000..00099}.tar``) or http(s) URLs
 (downloaded once into a cache folder). Each shard's members are indexed with :mod:`tarfile`
@@ -28,7 +28,7 @@ __all__ = ["INFO", "WebDatasetConfig", "prx_register_data_sources"]
 INFO = PluginInfo(
     name="webdataset",
     summary="Data: WebDataset tar shards (local, globbed or downloaded), random access for exact resume, buckets",
-    spec="SPEC §3 (buckets), §4 (caption length); DESIGN (data at scale)",
+    spec="reference.md §3 (buckets), §4 (caption length); DESIGN (data at scale)",
     paper="https://arxiv.org/abs/2307.01952",
 )
 

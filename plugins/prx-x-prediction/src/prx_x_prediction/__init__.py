@@ -1,4 +1,4 @@
-"""Objective ``x_prediction``: the denoiser outputs the clean sample x̂0 (JiT, SPEC §2).
+"""Objective ``x_prediction``: the denoiser outputs the clean sample x̂0 (JiT, reference.md §2).
 
 Training and sampling stay on core's rectified-flow path x_t = (1 − t)·x0 + t·ε; only what the
 network predicts changes. Prediction and target are both turned into velocities with
@@ -24,7 +24,7 @@ __all__ = ["INFO", "XPredictionConfig", "prx_register_objectives"]
 INFO = PluginInfo(
     name="x_prediction",
     summary="Objective: the model predicts x̂0 (JiT); loss on velocities (x_t − x)/max(t, 0.05)",
-    spec="SPEC §2 (x-prediction)",
+    spec="reference.md §2 (x-prediction)",
     paper="https://arxiv.org/abs/2511.13720",
 )
 
@@ -38,7 +38,7 @@ class XPredictionConfig:
     and ignored here.
     """
 
-    #: Timestep shift s (SPEC §2): 1.0 for latent recipes, 3.0 for pixel (JiT) recipes.
+    #: Timestep shift s (reference.md §2): 1.0 for latent recipes, 3.0 for pixel (JiT) recipes.
     shift: float = 1.0
     #: Probability of replacing a logit-normal draw by an unshifted uniform one.
     uniform_prob: float = 0.1
