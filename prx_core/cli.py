@@ -4,7 +4,7 @@
     prx-run check PATH [PATH ...] [--set KEY=VALUE ...]
     prx-run plugins
     prx-run sample RUN_DIR --prompt TEXT [--prompt TEXT ...] [--steps N --cfg S --seed N --size PX]
-    prx-run eval RUN_DIR [--checkpoint PATH]
+    prx-run eval RUN_DIR [--checkpoint PATH] [--repeat K]
     prx-run export RUN_DIR OUT [--checkpoint PATH] [--weights sampling|trained]
 
 Torch is imported only by the commands that need it, so ``check`` and ``plugins`` answer fast.
@@ -227,8 +227,27 @@ def sample_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def eval_parser() -> argparse.ArgumentParser:
-    return _run_parser("eval", "Compute the recipe's evaluation on a checkpoint.")
+    parser = _run_parser("eval", "Compute the recipe's evaluation on a checkpoint.")
+    parser.add_argument(
+        "--repeat",
+        type=_positive_int,
+        default=1,
+        metavar="K",
+        help="evaluate the same weights K times, under the evaluation seeds eval.seed, eval.seed + 1, ...; "
+        "writes each result and each key's mean, std and min-max over the K evaluations to RUN_DIR/eval/ (1)",
+    )
+    return parser
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -276,6 +295,8 @@ def cmd_eval(argv: list[str]) -> int:
     trainer = _open_run("eval", args.run_dir, args.checkpoint)
     if trainer is None:
         return 1
+    if args.repeat > 1:
+        return _eval_repeated(trainer, args.run_dir, args.repeat)
     results = trainer.evaluate()
     out = args.run_dir / "eval" / f"step_{trainer.step:08d}.json"
     out.parent.mkdir(exist_ok=True)
@@ -283,6 +304,59 @@ def cmd_eval(argv: list[str]) -> int:
     for key, value in results.items():
         print(f"{key}\t{value:.6g}")
     print(f"written to {out}")
+    return 0
+
+
+def eval_spread(repeats: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per key: mean, sample std (n − 1) and min / max over the repeated evaluations that report it."""
+    import statistics
+
+    keys = sorted({key for results in repeats for key in results})
+    spread = {}
+    for key in keys:
+        values = [results[key] for results in repeats if key in results]
+        spread[key] = {
+            "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values),
+            "max": max(values),
+        }
+    return spread
+
+
+def _eval_repeated(trainer: Trainer, run_dir: Path, repeat: int) -> int:
+    """``prx-run eval --repeat K``: the same weights under K evaluation seeds. The spread is the
+    evaluation's own noise (which held-out noise draws the images and the validation loss get),
+    to set beside the seed-to-seed spread of a study."""
+    import json
+
+    from prx_core.evaluation import evaluate
+
+    step, first = trainer.step, trainer.recipe.eval.seed
+    seeds = [first + k for k in range(repeat)]
+    out_dir = run_dir / "eval"
+    out_dir.mkdir(exist_ok=True)
+    repeats: list[dict[str, float]] = []
+    for seed in seeds:
+        results = evaluate(trainer, seed=seed)
+        repeats.append(results)
+        path = out_dir / f"step_{step:08d}_seed{seed}.json"
+        path.write_text(json.dumps({"step": step, "eval_seed": seed, **results}, indent=2) + "\n", encoding="utf-8")
+        print(f"eval seed {seed}: written to {path}")
+    spread = eval_spread(repeats)
+    summary = {
+        "step": step,
+        "eval_seeds": seeds,
+        "spread": spread,
+        "repeats": [{"eval_seed": s, **r} for s, r in zip(seeds, repeats, strict=True)],
+    }
+    path = out_dir / f"step_{step:08d}_spread.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(f"\n{repeat} evaluations of step {step} (eval seeds {seeds[0]}..{seeds[-1]}); std is the sample std")
+    print("key\tmean\tstd\tmin\tmax")
+    for key, stat in spread.items():
+        print(f"{key}\t{stat['mean']:.6g}\t{stat['std']:.3g}\t{stat['min']:.6g}\t{stat['max']:.6g}")
+    print(f"written to {path}")
     return 0
 
 

@@ -80,6 +80,33 @@ class RunContext:
         state: T = self.plugin_states[name]
         return state
 
+    def store_weights_in(self, module: torch.nn.Module, dtype: torch.dtype, *, owner: str, reason: str) -> None:
+        """Store a plugin module's weights in ``dtype`` instead of the policy's ``param_dtype``.
+
+        The one sanctioned way for a plugin (``owner``) to keep a trainable module of its own in
+        another dtype (REPA's bf16 projector, reference.md §8); call it from ``prx_build_modules``
+        on the module about to be returned. The module is cast and marked, the choice is logged,
+        and the precision guard then checks that module against ``dtype`` (and everything else
+        against ``param_dtype``, as before). Optimizer state stays in ``state_dtype``. When
+        ``dtype`` already is ``param_dtype`` nothing is declared: there is no exception to make.
+        """
+        from prx_core.precision import declare_storage_dtype
+
+        precision = self.require("precision")
+        if dtype == precision.param_dtype:
+            return
+        declare_storage_dtype(module, dtype, owner=owner, reason=reason)
+        self.logger.info(
+            "precision: plugin '%s' stores its module's weights in %s, not in %s (precision policy '%s'): %s; "
+            "its optimizer state stays %s",
+            owner,
+            dtype,
+            precision.param_dtype,
+            precision.name,
+            reason,
+            precision.state_dtype,
+        )
+
     def add_conditioning(self, name: str, seam: ConditioningSeam) -> None:
         """Register a conditioning seam (runs before the blocks; seams apply in name order)."""
         if name in self.conditioning:

@@ -81,7 +81,7 @@ def denoise(
     * Blocks listed in ``captures`` publish their output tokens in ``ctx.stash[CAPTURED_FEATURES]``.
     * ``conditioning`` seams may change text tokens, mask and time vector before the blocks.
     """
-    weight_dtype = model.img_in.weight.dtype
+    weight_dtype = model.txt_in.weight.dtype
     if weight_dtype != x_t_BCHW.dtype and not torch.is_autocast_enabled(x_t_BCHW.device.type):
         # x_t and the text states arrive in fp32 whatever the weights' dtype; without autocast,
         # bf16-stored weights (``bf16_weights`` with autocast off) need their inputs in bf16.

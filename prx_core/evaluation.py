@@ -53,11 +53,13 @@ def _gather_rows(trainer: Trainer, rows: list[torch.Tensor]) -> torch.Tensor | N
 
 
 @torch.no_grad()
-def validation_loss(trainer: Trainer, indices: list[int]) -> dict[str, float]:
-    """Objective loss on held-out images at fixed t per bin, fixed noise per item."""
+def validation_loss(trainer: Trainer, indices: list[int], seed: int | None = None) -> dict[str, float]:
+    """Objective loss on held-out images at fixed t per bin, fixed noise per item (drawn from
+    ``seed``, by default ``eval.seed``)."""
     from prx_core.towers import batch_encodings
 
     run, ev = trainer.run, trainer.recipe.eval
+    seed = ev.seed if seed is None else seed
     objective, precision = run.require("objective"), run.require("precision")
     data = run.require("data")
     sums = torch.zeros(ev.t_bins, dtype=torch.float64)
@@ -71,7 +73,7 @@ def validation_loss(trainer: Trainer, indices: list[int]) -> dict[str, float]:
         images_BCHW = raw.images_BCHW.to(run.device) if raw.images_BCHW is not None else None
         x0, text, mask = batch_encodings(raw, run, None)
         noise = torch.stack(
-            [torch.randn(x0.shape[1:], generator=generator_for(ev.seed, "val", i), dtype=x0.dtype) for i in chunk]
+            [torch.randn(x0.shape[1:], generator=generator_for(seed, "val", i), dtype=x0.dtype) for i in chunk]
         ).to(run.device)
         for b in range(ev.t_bins):
             t_B = torch.full((len(chunk),), (b + 0.5) / ev.t_bins, device=run.device)
@@ -92,7 +94,7 @@ def validation_loss(trainer: Trainer, indices: list[int]) -> dict[str, float]:
                 text_BLD=text,
                 mask_BL=mask,
                 stash=stash,
-                generator=generator_for(ev.seed, "val-step"),
+                generator=generator_for(seed, "val-step"),
                 prediction_BCHW=prediction,
             )
             sums[b] += objective.loss(step, prediction).double().sum().cpu()
@@ -125,14 +127,18 @@ def metric_objects(trainer: Trainer) -> dict[str, Any]:
     }
 
 
-def evaluate(trainer: Trainer) -> dict[str, float]:
+def evaluate(trainer: Trainer, seed: int | None = None) -> dict[str, float]:
+    """The validation loss and the recipe's metrics. ``seed`` replaces ``eval.seed`` for the
+    validation noise and the generated images (``prx-run eval --repeat`` measures evaluation noise
+    with it); by default the evaluation is the recipe's, identical at every call."""
     run, recipe = trainer.run, trainer.recipe
     ev = recipe.eval
+    seed = ev.seed if seed is None else seed
     rank, world = trainer.dist.rank, trainer.dist.world_size
     mine = list(range(rank, ev.num_samples, world))
     was_training = run.require("trainable").training
     run.require("trainable").eval()
-    results = validation_loss(trainer, mine)
+    results = validation_loss(trainer, mine, seed)
     metrics = metric_objects(trainer)
     if metrics:
         data = run.require("data")
@@ -144,7 +150,7 @@ def evaluate(trainer: Trainer) -> dict[str, float]:
             batches = [data.held_out(i, 1) for i in chunk]
             prompts = [c for b in batches for c in b.captions]
             real = torch.cat([b.images_BCHW for b in batches])
-            images = trainer.generate(prompts, ev.steps, ev.cfg, ev.seed, size, noise_indices=chunk)
+            images = trainer.generate(prompts, ev.steps, ev.cfg, seed, size, noise_indices=chunk)
             for name, metric in metrics.items():
                 generated[name].append(metric.features(images, prompts).float().cpu())
                 if metric.needs_reference:

@@ -26,12 +26,23 @@ momentum buffers and AdamW moments in ``state_dtype``. The guard predicts the dt
 that does not exist yet (``state_dtype`` if the optimizer declares one, else the parameter's
 dtype), so a third-party optimizer that would keep bf16 state is refused *at start*, not after
 the first resume.
+
+Declared storage exceptions
+---------------------------
+A plugin may store one of its own trainable modules in another dtype than ``param_dtype`` when that
+is the point (REPA's projector is kept in bf16 by the reference, reference.md §8). It does so only
+through :func:`declare_storage_dtype` (plugins call ``run.store_weights_in``), which casts the
+module, marks it with a :class:`StorageDeclaration` naming the plugin and the reason, and is
+logged. The guard then expects that module's parameters and gradients in the declared dtype, and
+refuses them in any other, ``param_dtype`` included; everything undeclared is checked as before,
+and optimizer state is ``state_dtype`` for every parameter, declared or not.
 """
 
 from __future__ import annotations
 
 import contextlib
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +50,59 @@ import torch
 
 class PrecisionError(RuntimeError):
     """Weights, gradients or optimizer state are not in the dtype the policy promises."""
+
+
+#: The attribute :func:`declare_storage_dtype` sets on a module (read by :func:`declared_storage`).
+STORAGE_ATTRIBUTE = "prx_storage_declaration"
+
+
+@dataclass(frozen=True)
+class StorageDeclaration:
+    """A module whose weights are deliberately stored in ``dtype``, not the policy's ``param_dtype``."""
+
+    dtype: torch.dtype
+    #: The plugin that declared it (named in the guard's messages).
+    owner: str
+    #: Why, in a few words (logged, and named in the guard's messages).
+    reason: str
+
+
+def declare_storage_dtype(
+    module: torch.nn.Module, dtype: torch.dtype, *, owner: str, reason: str
+) -> StorageDeclaration:
+    """Cast ``module``'s floating-point parameters and buffers to ``dtype`` and mark it as declared.
+
+    The mark travels with the module (a deep copy keeps it, a ``state_dict`` does not carry it), so
+    the guard finds it wherever the module ends up in the trainable set.
+    """
+    if not dtype.is_floating_point:
+        raise ValueError(f"{owner}: a storage dtype must be a floating-point dtype, got {dtype}")
+    if not owner.strip() or not reason.strip():
+        raise ValueError("a storage declaration needs the declaring plugin's name and a reason")
+    declaration = StorageDeclaration(dtype=dtype, owner=owner, reason=reason)
+    module.to(dtype=dtype)
+    setattr(module, STORAGE_ATTRIBUTE, declaration)
+    return declaration
+
+
+def declared_storage(modules: torch.nn.Module) -> dict[str, StorageDeclaration]:
+    """Every declared submodule of ``modules`` by its qualified name ("" for ``modules`` itself)."""
+    found: dict[str, StorageDeclaration] = {}
+    for name, module in modules.named_modules():
+        declaration = getattr(module, STORAGE_ATTRIBUTE, None)
+        if isinstance(declaration, StorageDeclaration):
+            found[name] = declaration
+    return found
+
+
+def _declaration_for(parameter: str, declared: dict[str, StorageDeclaration]) -> tuple[str, StorageDeclaration] | None:
+    """The innermost declared module that holds ``parameter`` (a dotted name), if any."""
+    best: tuple[str, StorageDeclaration] | None = None
+    for prefix, declaration in declared.items():
+        if prefix == "" or parameter.startswith(prefix + "."):
+            if best is None or len(prefix) > len(best[0]):
+                best = (prefix, declaration)
+    return best
 
 
 def _weight_hint(policy: str, found: torch.dtype, expected: torch.dtype) -> str:
@@ -64,22 +128,33 @@ def check_dtypes(
     """Raise :class:`PrecisionError` naming the first parameter, gradient or optimizer tensor whose
     dtype is not the one the policy promises.
 
-    Parameters and gradients must be ``param_dtype``. Floating-point optimizer state must be
-    ``state_dtype``; for parameters that have no state yet, the dtype the optimizer *will* use is
-    predicted from its ``state_dtype`` attribute (falling back to the parameter dtype, which is
-    what ``torch.optim`` optimizers do).
+    Parameters and gradients must be ``param_dtype``, except inside a module declared with
+    :func:`declare_storage_dtype`, where they must be the declared dtype. Floating-point optimizer
+    state must be ``state_dtype``; for parameters that have no state yet, the dtype the optimizer
+    *will* use is predicted from its ``state_dtype`` attribute (falling back to the parameter
+    dtype, which is what ``torch.optim`` optimizers do).
     """
     names = {id(p): n for n, p in modules.named_parameters()}
+    storage = declared_storage(modules)
     for name, param in modules.named_parameters():
-        if param.dtype != param_dtype:
-            raise PrecisionError(
-                f"{when}: parameter '{name}' is {param.dtype} but precision policy '{policy}' keeps weights in "
-                f"{param_dtype}; {_weight_hint(policy, param.dtype, param_dtype)}"
-            )
-        if param.grad is not None and param.grad.dtype != param_dtype:
-            raise PrecisionError(
-                f"{when}: gradient of '{name}' is {param.grad.dtype}, expected {param_dtype} ({policy})"
-            )
+        match = _declaration_for(name, storage)
+        if match is None:
+            expected = param_dtype
+            if param.dtype != expected:
+                raise PrecisionError(
+                    f"{when}: parameter '{name}' is {param.dtype} but precision policy '{policy}' keeps weights in "
+                    f"{param_dtype}; {_weight_hint(policy, param.dtype, param_dtype)}"
+                )
+        else:
+            prefix, declaration = match
+            expected = declaration.dtype
+            if param.dtype != expected:
+                raise PrecisionError(
+                    f"{when}: parameter '{name}' is {param.dtype} but plugin '{declaration.owner}' declared module "
+                    f"'{prefix}' stored in {expected} ({declaration.reason}); something cast it after the declaration"
+                )
+        if param.grad is not None and param.grad.dtype != expected:
+            raise PrecisionError(f"{when}: gradient of '{name}' is {param.grad.dtype}, expected {expected} ({policy})")
     if optimizer is None:
         return
     declared: torch.dtype | None = getattr(optimizer, "state_dtype", None)
@@ -105,7 +180,8 @@ def check_dtypes(
 
 
 def check_fp32_state(modules: torch.nn.Module, optimizer: torch.optim.Optimizer | None, policy: str, when: str) -> None:
-    """Raise naming the first parameter, gradient or optimizer tensor that is not fp32."""
+    """Raise naming the first parameter, gradient or optimizer tensor that is not fp32 (or, inside a
+    module declared with :func:`declare_storage_dtype`, not its declared dtype)."""
     check_dtypes(modules, optimizer, policy=policy, param_dtype=torch.float32, state_dtype=torch.float32, when=when)
 
 

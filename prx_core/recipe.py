@@ -127,7 +127,13 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Sample grids and inference defaults (reference.md §2: evaluation uses 50 steps at CFG 3.5)."""
+    """Sample grids and inference defaults (reference.md §2: evaluation uses 50 steps at CFG 3.5).
+
+    ``cfg`` is the classifier-free guidance scale: out = u + cfg·(c − u) when ``cfg`` > 1. At
+    ``cfg`` ≤ 1 the conditional model runs alone, with no unconditional pass, as in the public
+    code (reference.md §8): ``cfg = 0`` does not give unconditional samples. A guidance plugin
+    (TREAD's ``self_guidance``) replaces CFG, and ``cfg`` is then unused.
+    """
 
     steps: int = 50
     cfg: float = 3.5
@@ -147,6 +153,8 @@ class EvalConfig:
 
     Each evaluation reports the validation loss per timestep bin and every metric listed under
     ``[metrics.<name>]``, computed from ``num_samples`` images generated from held-out captions.
+    ``cfg`` works as ``sampling.cfg`` does: guidance above 1, the conditional model alone at ≤ 1
+    (reference.md §8), unused when a guidance plugin (TREAD's ``self_guidance``) replaces CFG.
     """
 
     #: Evaluate every N steps (0: never during training).

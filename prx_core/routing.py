@@ -8,32 +8,32 @@ relative order and the RoPE rows gathered with them keep each token's 2-D positi
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from prx_core.config import RecipeError
 
-#: Tolerance when rounding p·N: 0.29·100 is 28.999999999999996 in floating point.
-_ROUND_EPS = 1e-9
-
 
 def visible_count(length: int, ratio: float) -> int:
-    """⌈(1 − p)·N⌉, the number of tokens that run through the routed span.
+    """How many of N tokens run through the routed span: N − clamp(round(p·N), 1, N − 1) for p > 0.
 
-    Computed as N − ⌊p·N⌋ (equal for an integer N) with a small tolerance, so that floating-point
-    noise in p·N never drops or adds a token. At least one token always stays visible.
+    This is the public code's count (reference.md §8): ``round`` is Python's, which rounds halves
+    to even, so N = 255 at p = 0.5 routes round(127.5) = 128 tokens and keeps 127, while N = 5 at
+    p = 0.5 routes round(2.5) = 2 and keeps 3. For p > 0 at least one token is routed and at least
+    one stays visible; p = 0 keeps all N. The product p·N is taken as it comes out in floating
+    point, like the public code does (0.29·100 = 28.999… still rounds to 29).
     """
     if length < 1:
         raise ValueError(f"length must be >= 1, got {length}")
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-    routed = math.floor(ratio * length + _ROUND_EPS)
-    return max(1, length - routed)
+    if ratio == 0.0:
+        return length
+    routed = min(max(round(length * ratio), 1), length - 1)
+    return length - routed
 
 
 def choose_visible(batch: int, length: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
-    """Per sample, a uniformly random subset of ⌈(1 − p)·N⌉ token indices, sorted: [B, K] int64.
+    """Per sample, a uniformly random subset of :func:`visible_count` token indices, sorted: [B, K] int64.
 
     The draw happens on the generator's device (the core hands routers CPU generators keyed by
     seed, step, micro-step and rank), so the route does not depend on where the model runs; move

@@ -7,7 +7,7 @@ structural (``typing.Protocol``), so a plugin never subclasses anything from cor
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -315,3 +315,17 @@ class Guidance(Protocol):
         cond: tuple[torch.Tensor, torch.Tensor],
         uncond: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class PerSampleGuidance(Guidance, Protocol):
+    """Optional extra of a :class:`Guidance` whose random draws belong to each sample.
+
+    Before the first Euler step of a generation the sampler calls :meth:`for_samples` once with
+    the generation's noise seed and one key per sample (``Trainer.generate`` passes the noise
+    index of each prompt), and runs every step with the guidance it returns. Keying draws on the
+    sample, not its batch position, keeps the core's promise that an image does not depend on the
+    batch it is generated in. A plain :class:`Guidance` (without the method) is called as it is.
+    """
+
+    def for_samples(self, seed: int, sample_keys: Sequence[int]) -> Guidance: ...

@@ -699,7 +699,8 @@ class Trainer:
         """Images in [0, 1] for ``prompts``.
 
         Prompt i's noise depends only on (seed, noise_indices[i]) (default: i), so an image does not
-        change with the batch it is generated in, and different items get different noise.
+        change with the batch it is generated in, and different items get different noise. A
+        per-sample guidance (TREAD's self-guidance routes) is keyed on the same (seed, index).
         """
         indices = noise_indices if noise_indices is not None else list(range(len(prompts)))
         run = self.run
@@ -723,7 +724,8 @@ class Trainer:
                 out = self.predict(modules, x, t, s, m, ctx)
             return objective.velocity(out.float(), x, t)
 
-        x0 = euler_sample(velocity, noise_BCHW, cond, uncond, steps, cfg, objective.shift, self.guidance())
+        guidance = self.guidance()  # a per-sample guidance is keyed on (seed, indices), like the noise
+        x0 = euler_sample(velocity, noise_BCHW, cond, uncond, steps, cfg, objective.shift, guidance, indices, seed)
         modules.train(was_training)
         return latent.decode(x0).float().clamp(0, 1).cpu()
 

@@ -21,12 +21,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from prx_core.routing import gather_tokens
+from prx_core.towers import DATA_DTYPE
 from prx_core.weights import WeightsError, read_state_dict, state_dict_problems
 
 if TYPE_CHECKING:
@@ -41,6 +42,16 @@ TEACHERS: dict[str, str] = {
     # DINOv3 ViT-L/16 distilled on LVD-1689M (REPA-DINOv3 ablation, the speedrun).
     "dinov3_vitl16": "vit_large_patch16_dinov3.lvd1689m",
 }
+
+#: How :meth:`FrozenEncoder.prepare` brings images to the encoder's input size.
+#:
+#: * ``"nearest"``: ``F.interpolate(scale_factor=patch / √(H·W / N))`` in its default nearest mode,
+#:   N being the target's patch count. This is exactly how the reference resizes REPA's (and
+#:   iREPA's) teacher input (reference.md §8), so it is what :meth:`FrozenEncoder.patch_tokens`
+#:   uses unless told otherwise.
+#: * ``"antialias"``: bilinear with antialiasing to the target size (a proper low-pass when
+#:   downscaling); what the DINO metric's CLS features use.
+ResizeMode = Literal["nearest", "antialias"]
 
 #: Used only when a model's pretrained config carries no normalisation (never for the TEACHERS).
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -212,36 +223,65 @@ class FrozenEncoder:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def prepare(self, images_BCHW: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
-        """Normalise images in [0, 1] with the encoder's mean/std and resize them to ``size_hw``."""
+    def prepare(
+        self, images_BCHW: torch.Tensor, size_hw: tuple[int, int], resize: ResizeMode = "antialias"
+    ) -> torch.Tensor:
+        """Normalise images in [0, 1] with the encoder's mean/std and resize them to ``size_hw``
+        (how: :data:`ResizeMode`; images already at ``size_hw`` are not resampled)."""
         if images_BCHW.ndim != 4 or images_BCHW.shape[1] != 3:
             raise ValueError(f"expected RGB images [B, 3, H, W] in [0, 1], got shape {tuple(images_BCHW.shape)}")
+        if resize not in ("nearest", "antialias"):
+            raise ValueError(f"unknown resize mode {resize!r}; expected 'nearest' or 'antialias'")
         # Normalise and resize in at least fp32: the antialiased resize has no bf16/fp16 kernel on
         # CPU, and a bf16 x̂0 (autocast output) would lose precision here anyway. The cast is
-        # differentiable, so gradients still reach a low-precision input.
+        # differentiable, so gradients still reach a low-precision input. (Nearest resizing only
+        # selects pixels, so it commutes exactly with the per-channel normalisation.)
         work_dtype = torch.promote_types(images_BCHW.dtype, torch.float32)
         x_BCHW = images_BCHW.to(work_dtype)
         mean_C = torch.tensor(self.mean, device=x_BCHW.device, dtype=work_dtype)
         std_C = torch.tensor(self.std, device=x_BCHW.device, dtype=work_dtype)
         x_BCHW = (x_BCHW - mean_C[:, None, None]) / std_C[:, None, None]
         if tuple(x_BCHW.shape[-2:]) != tuple(size_hw):
-            x_BCHW = F.interpolate(x_BCHW, size=size_hw, mode="bilinear", align_corners=False, antialias=True)
+            x_BCHW = self._resize(x_BCHW, size_hw, resize)
         return x_BCHW.to(device=self.device, dtype=self.dtype)
 
-    def features(self, images_BCHW: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
-        """All output tokens (prefix tokens first, then patch tokens), after the final norm."""
-        return self.model.forward_features(self.prepare(images_BCHW, size_hw))  # type: ignore[operator]
+    def _resize(self, x_BCHW: torch.Tensor, size_hw: tuple[int, int], resize: ResizeMode) -> torch.Tensor:
+        if resize == "antialias":
+            return F.interpolate(x_BCHW, size=size_hw, mode="bilinear", align_corners=False, antialias=True)
+        height, width = x_BCHW.shape[-2:]
+        patches = (size_hw[0] // self.patch_size) * (size_hw[1] // self.patch_size)
+        if patches < 1 or size_hw[0] % self.patch_size or size_hw[1] % self.patch_size:
+            raise ValueError(f"nearest resize targets whole patches of {self.patch_size} px, got size {size_hw}")
+        # The reference's formula, term for term: the scale factor (not the target size) goes to
+        # F.interpolate, which then maps output pixel i to input pixel floor(i / factor).
+        downsampling_ratio = (width * height / patches) ** 0.5
+        resized_BCHW = F.interpolate(x_BCHW, scale_factor=self.patch_size / downsampling_ratio)
+        if tuple(resized_BCHW.shape[-2:]) != tuple(size_hw):
+            raise ValueError(
+                f"nearest resize of a {height}x{width} image by {self.patch_size / downsampling_ratio} gives "
+                f"{tuple(resized_BCHW.shape[-2:])}, not {tuple(size_hw)}: its aspect ratio differs from the target's"
+            )
+        return resized_BCHW
 
-    def patch_tokens(self, images_BCHW: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    def features(
+        self, images_BCHW: torch.Tensor, size_hw: tuple[int, int], resize: ResizeMode = "antialias"
+    ) -> torch.Tensor:
+        """All output tokens (prefix tokens first, then patch tokens), after the final norm."""
+        return self.model.forward_features(self.prepare(images_BCHW, size_hw, resize))  # type: ignore[operator]
+
+    def patch_tokens(
+        self, images_BCHW: torch.Tensor, grid_hw: tuple[int, int], resize: ResizeMode = "nearest"
+    ) -> torch.Tensor:
         """Patch tokens [B, grid_h·grid_w, E] for images in [0, 1], resized so the grid is ``grid_hw``.
 
         Row-major token order, like the denoiser's image tokens, so token i of both describe the
-        same image region.
+        same image region. The default resize is the reference's teacher resize (nearest, by scale
+        factor; :data:`ResizeMode`), which REPA and iREPA use.
         """
         grid_h, grid_w = grid_hw
         if grid_h < 1 or grid_w < 1:
             raise ValueError(f"grid_hw must be positive, got {grid_hw}")
-        tokens_BTE = self.features(images_BCHW, (grid_h * self.patch_size, grid_w * self.patch_size))
+        tokens_BTE = self.features(images_BCHW, (grid_h * self.patch_size, grid_w * self.patch_size), resize)
         patches_BNE = tokens_BTE[:, self.num_prefix_tokens :]
         if patches_BNE.shape[1] != grid_h * grid_w:
             raise RuntimeError(
@@ -343,11 +383,14 @@ def alignment_targets(
 def mean_cosine_similarity(a_BKE: torch.Tensor, b_BKE: torch.Tensor) -> torch.Tensor:
     """Cosine similarity per token, averaged per sample over tokens, then over the batch (a scalar).
 
-    Computed in the wider of the two dtypes (under autocast both are usually the autocast dtype).
+    Computed in at least fp32 (the step's :data:`~prx_core.towers.DATA_DTYPE`) whatever the
+    projector's, the teacher's or autocast's dtype, as the reference does (an explicit ``.float()``
+    in Perceptual DINO; CUDA autocast runs ``cosine_similarity`` in fp32 for REPA). A bf16 cosine
+    would quantise 1 − cos near 1 to steps of 2⁻⁸, and CPU autocast would leave it in bf16.
     """
     if a_BKE.shape != b_BKE.shape:
         raise ValueError(f"cannot compare tokens of shapes {tuple(a_BKE.shape)} and {tuple(b_BKE.shape)}")
-    dtype = torch.promote_types(a_BKE.dtype, b_BKE.dtype)
+    dtype = torch.promote_types(torch.promote_types(a_BKE.dtype, b_BKE.dtype), DATA_DTYPE)
     cos_BK = F.cosine_similarity(a_BKE.to(dtype), b_BKE.to(dtype), dim=-1)
     return cos_BK.mean(dim=1).mean()
 

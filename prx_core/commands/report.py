@@ -1,17 +1,28 @@
 """``prx-run report``: compare runs, grouped by recipe over seeds.
 
-    prx-run report RUN_DIR_OR_ROOT... [--out DIR] [--baseline NAME]
+    prx-run report RUN_DIR_OR_ROOT... [--out DIR] [--baseline NAME] [--confidence 0.95]
 
 Each argument is a run directory or a folder searched for run directories (``prx-run ablate``'s
 runs root, for instance). Runs are grouped by recipe ``name``; every number is the mean ± sample
 standard deviation (n − 1 in the denominator) over the group's seeds. Written to ``--out``:
 
 * ``report.md``: the final evaluation (headline metrics with their difference from the baseline
-  group), training throughput, the published reference.md §5 numbers of the row the recipe names with
-  ``reference``, the best value of every metric over the run, and every evaluation key in full;
-* ``summary.csv`` (one row per recipe) and ``runs.csv`` (one row per run);
-* ``loss.png`` (training loss), ``eval_<metric>.png`` (each headline metric against steps) and
-  ``final.png`` (final headline metrics as bars with their std), when matplotlib is installed.
+  group), the differences with their confidence intervals (below), training throughput, the
+  published reference.md §5 numbers of the row the recipe names with ``reference``, the best value
+  of every metric over the run, and every evaluation key in full;
+* ``summary.csv`` (one row per recipe), ``runs.csv`` (one row per run) and ``comparisons.csv``
+  (one row per recipe and evaluation key: Δ, its interval, n, the method);
+* ``loss.png`` (training loss), ``eval_<metric>.png`` (each headline metric against steps),
+  ``final.png`` (final headline metrics as bars with their std) and ``delta.png`` (each recipe's Δ
+  with its interval as an error bar), when matplotlib is installed.
+
+Differences from the baseline are *paired* by seed when both groups ran the same seeds: runs with
+the same seed share the data order, the noise draws and the initial weights of every shared
+module, so the per-seed difference cancels most of the seed noise. Δ is then the mean of the
+per-seed differences, with a Student-t interval on n − 1 degrees of freedom. Where the seeds differ,
+the comparison falls back to the unpaired Welch interval (Welch–Satterthwaite degrees of freedom).
+A Δ whose interval excludes 0 is marked ✱. The t quantile is computed here
+(:func:`student_t_quantile`), so the report needs no scipy.
 
 What is read: ``metrics.jsonl``. Lines with ``eval/...`` keys are evaluations; "final" is the
 evaluation at the highest step, "best" the lowest value over all evaluations (the highest for
@@ -208,6 +219,11 @@ class Group:
     def final(self, key: str) -> Stat:
         return Stat.of([r.final(key) for r in self.runs])
 
+    def final_by_seed(self, key: str) -> list[tuple[int, float]]:
+        """(seed, final value) of every run that reported a finite ``key``, in seed order."""
+        values = [(r.seed, r.final(key)) for r in self.runs]
+        return [(seed, v) for seed, v in values if v is not None and math.isfinite(v)]
+
     def best(self, key: str) -> Stat:
         return Stat.of([r.best(key) for r in self.runs])
 
@@ -252,6 +268,241 @@ def order_groups(groups: list[Group], baseline: Group | None) -> list[Group]:
     return [baseline, *rest] if baseline is not None else rest
 
 
+# --------------------------------------------------------------------------- confidence intervals
+
+
+#: Confidence level of the intervals without ``--confidence``.
+DEFAULT_CONFIDENCE = 0.95
+#: Continued-fraction terms before the incomplete beta function gives up (it needs about
+#: √max(a, b) terms; a Welch or paired t has a few degrees of freedom, so this is never reached).
+_BETA_MAX_TERMS = 10_000
+_BETA_EPS = 1e-15
+#: Stands in for an exact zero in the modified Lentz recursion, whose divisions it would break.
+_LENTZ_TINY = 1e-300
+
+
+def _beta_continued_fraction(x: float, a: float, b: float) -> float:
+    """The continued fraction of the regularized incomplete beta function,
+    I_x(a, b) = x^a (1 − x)^b / (a·B(a, b)) · 1 / (1 + d1 / (1 + d2 / (1 + …))), with
+    d_{2m+1} = −(a + m)(a + b + m) x / ((a + 2m)(a + 2m + 1)) and
+    d_{2m} = m (b − m) x / ((a + 2m − 1)(a + 2m)), evaluated front to back by the modified Lentz
+    method. It converges fast for x < (a + 1) / (a + b + 2); callers use the symmetry
+    I_x(a, b) = 1 − I_{1−x}(b, a) beyond that."""
+
+    def guard(value: float) -> float:
+        return value if abs(value) > _LENTZ_TINY else _LENTZ_TINY
+
+    c = 1.0
+    d = 1.0 / guard(1.0 - (a + b) * x / (a + 1.0))
+    fraction = d
+    for m in range(1, _BETA_MAX_TERMS):
+        even = m * (b - m) * x / ((a + 2 * m - 1.0) * (a + 2 * m))
+        d = 1.0 / guard(1.0 + even * d)
+        c = guard(1.0 + even / c)
+        fraction *= d * c
+        odd = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1.0))
+        d = 1.0 / guard(1.0 + odd * d)
+        c = guard(1.0 + odd / c)
+        step = d * c
+        fraction *= step
+        if abs(step - 1.0) < _BETA_EPS:
+            return fraction
+    raise ArithmeticError(f"incomplete beta I_x(a, b) did not converge for x={x}, a={a}, b={b}")
+
+
+def _beta_series_part(x: float, one_minus_x: float, a: float, b: float) -> float:
+    """x^a (1 − x)^b / (a·B(a, b)) times the continued fraction: I_x(a, b) where it converges.
+    ``one_minus_x`` is passed in so that callers holding it exactly (t²/(ν + t²)) lose no digits."""
+    log_front = a * math.log(x) + b * math.log(one_minus_x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    return math.exp(log_front) * _beta_continued_fraction(x, a, b) / a
+
+
+def regularized_incomplete_beta(x: float, a: float, b: float) -> float:
+    """I_x(a, b) = B(x; a, b) / B(a, b) for 0 ≤ x ≤ 1 and a, b > 0."""
+    if a <= 0 or b <= 0 or not 0.0 <= x <= 1.0:
+        raise ValueError(f"regularized_incomplete_beta needs 0 <= x <= 1 and a, b > 0; got x={x}, a={a}, b={b}")
+    if x == 0.0 or x == 1.0:
+        return x
+    if x < (a + 1.0) / (a + b + 2.0):
+        return _beta_series_part(x, 1.0 - x, a, b)
+    return 1.0 - _beta_series_part(1.0 - x, x, b, a)
+
+
+def student_t_upper_tail(t: float, df: float) -> float:
+    """P(T > t) for Student's t with ``df`` (real, > 0) degrees of freedom.
+
+    For t ≥ 0, P(T > t) = ½·I_{ν/(ν+t²)}(ν/2, ½). Both x = ν/(ν + t²) and 1 − x = t²/(ν + t²)
+    are formed directly, so neither large nor small t loses digits to a subtraction."""
+    if df <= 0 or not math.isfinite(df):
+        raise ValueError(f"degrees of freedom must be finite and > 0, got {df}")
+    if t < 0:
+        return 1.0 - student_t_upper_tail(-t, df)
+    if t == 0:
+        return 0.5
+    if math.isinf(t):
+        return 0.0
+    x, one_minus_x = df / (df + t * t), t * t / (df + t * t)
+    a, b = df / 2.0, 0.5
+    if x < (a + 1.0) / (a + b + 2.0):
+        return 0.5 * _beta_series_part(x, one_minus_x, a, b)
+    return 0.5 * (1.0 - _beta_series_part(one_minus_x, x, b, a))
+
+
+def student_t_quantile(p: float, df: float) -> float:
+    """The t with P(T ≤ t) = p, for Student's t with ``df`` (real, > 0) degrees of freedom.
+
+    Bisection on the upper tail (monotone, formed without cancellation by
+    :func:`student_t_upper_tail`) after doubling the bracket until it holds the root; stops when
+    the bracket is as narrow as a float allows. ``student_t_quantile(0.975, 1)`` is 12.7062."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"a quantile needs 0 < p < 1, got {p}")
+    if df <= 0 or not math.isfinite(df):
+        raise ValueError(f"degrees of freedom must be finite and > 0, got {df}")
+    if p == 0.5:
+        return 0.0
+    # By symmetry only upper quantiles are searched for; a small p is used as the tail itself,
+    # not as 1 − (1 − p), which would lose its digits.
+    return _upper_tail_quantile(1.0 - p, df) if p > 0.5 else -_upper_tail_quantile(p, df)
+
+
+def _upper_tail_quantile(tail: float, df: float) -> float:
+    """The t ≥ 0 with P(T > t) = tail, for 0 < tail < ½."""
+    low, high = 0.0, 1.0
+    while student_t_upper_tail(high, df) > tail:
+        low, high = high, 2.0 * high
+        if high > 1e300:
+            raise ArithmeticError(f"t quantile out of range for an upper tail of {tail}, df={df}")
+    for _ in range(2000):
+        middle = 0.5 * (low + high)
+        if middle <= low or middle >= high:
+            break  # adjacent floats: as exact as it gets
+        if student_t_upper_tail(middle, df) > tail:
+            low = middle
+        else:
+            high = middle
+    return 0.5 * (low + high)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A difference with its confidence interval; ``low``/``high`` are None where there is none."""
+
+    delta: float
+    low: float | None
+    high: float | None
+    #: Degrees of freedom of the t used (n − 1 paired, Welch–Satterthwaite unpaired).
+    df: float | None
+    #: The t quantile at (1 + confidence) / 2: half the interval is t times the standard error.
+    t: float | None
+    #: Why the interval is missing, degenerate or wide; empty when there is nothing to say.
+    note: str = ""
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.low is not None and self.high is not None and (self.low > 0 or self.high < 0)
+
+
+def _check_confidence(confidence: float) -> None:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"--confidence must be strictly between 0 and 1 (e.g. 0.95), got {confidence}")
+
+
+def _small_n_note(n: int, df: float, t: float) -> str:
+    return f"n = {n}: t with {df:.3g} df is {t:.2f}, so the interval is wide"
+
+
+def paired_interval(differences: list[float], confidence: float = DEFAULT_CONFIDENCE) -> Interval:
+    """Mean of per-seed differences d_i = ablation_i − baseline_i with the Student-t interval
+    d̄ ± t_{(1+c)/2, n−1} · s_d / √n (s_d the sample std of the d_i)."""
+    _check_confidence(confidence)
+    n = len(differences)
+    if n == 0:
+        raise ValueError("paired_interval needs at least one difference")
+    mean = statistics.fmean(differences)
+    if n == 1:
+        return Interval(mean, None, None, None, None, "n = 1: a single seed pair, no interval")
+    df = float(n - 1)
+    t = student_t_quantile((1.0 + confidence) / 2.0, df)
+    half = t * statistics.stdev(differences) / math.sqrt(n)
+    note = _small_n_note(n, df, t) if n < 3 else ""
+    if half == 0.0:
+        note = "every seed pair differs by exactly the same amount: an interval of zero width"
+    return Interval(mean, mean - half, mean + half, df, t, note)
+
+
+def welch_interval(ablation: list[float], baseline: list[float], confidence: float = DEFAULT_CONFIDENCE) -> Interval:
+    """Difference of means ā − b̄ with the unpaired Welch interval: standard error
+    √(s_a²/n_a + s_b²/n_b) and Welch–Satterthwaite degrees of freedom
+    (s_a²/n_a + s_b²/n_b)² / ((s_a²/n_a)²/(n_a − 1) + (s_b²/n_b)²/(n_b − 1))."""
+    _check_confidence(confidence)
+    if not ablation or not baseline:
+        raise ValueError("welch_interval needs at least one value in each group")
+    mean = statistics.fmean(ablation) - statistics.fmean(baseline)
+    n_a, n_b = len(ablation), len(baseline)
+    if min(n_a, n_b) < 2:
+        return Interval(mean, None, None, None, None, "n = 1 in a group: no spread to estimate, no interval")
+    var_a, var_b = statistics.variance(ablation) / n_a, statistics.variance(baseline) / n_b
+    if var_a + var_b == 0.0:
+        return Interval(mean, mean, mean, None, None, "no spread in either group: an interval of zero width")
+    df = (var_a + var_b) ** 2 / (var_a**2 / (n_a - 1) + var_b**2 / (n_b - 1))
+    t = student_t_quantile((1.0 + confidence) / 2.0, df)
+    half = t * math.sqrt(var_a + var_b)
+    note = _small_n_note(min(n_a, n_b), df, t) if min(n_a, n_b) < 3 else ""
+    return Interval(mean, mean - half, mean + half, df, t, note)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One recipe's final value of one key against the baseline's: Δ = recipe − baseline."""
+
+    key: str
+    #: "paired" (same seeds: mean of per-seed differences) or "Welch" (unpaired).
+    method: str
+    interval: Interval
+    #: Seeds of the pairs (paired), or of the recipe's runs (Welch).
+    seeds: tuple[int, ...]
+    baseline_seeds: tuple[int, ...]
+    confidence: float
+    #: Why Welch was used instead of pairing; empty for paired comparisons.
+    reason: str = ""
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.interval.excludes_zero
+
+    @property
+    def verdict(self) -> str:
+        """'better' or 'worse' (by the key's direction) when the interval excludes 0, else ''."""
+        if not self.excludes_zero:
+            return ""
+        up = self.interval.delta > 0
+        return "better" if up == higher_is_better(self.key) else "worse"
+
+
+def compare(group: Group, baseline: Group, key: str, confidence: float = DEFAULT_CONFIDENCE) -> Comparison | None:
+    """Paired when both groups ran exactly the same seeds (each once) with a value for ``key``;
+    Welch over every value otherwise. None when either group has no value."""
+    mine, theirs = group.final_by_seed(key), baseline.final_by_seed(key)
+    if not mine or not theirs:
+        return None
+    seeds, baseline_seeds = tuple(s for s, _ in mine), tuple(s for s, _ in theirs)
+    unique = len(set(seeds)) == len(seeds) and len(set(baseline_seeds)) == len(baseline_seeds)
+    if unique and set(seeds) == set(baseline_seeds):
+        by_seed = dict(theirs)
+        differences = [value - by_seed[seed] for seed, value in mine]
+        return Comparison(key, "paired", paired_interval(differences, confidence), seeds, seeds, confidence)
+    if not unique:
+        reason = "a seed appears twice in a group"
+    else:
+        reason = f"seeds differ: {' '.join(map(str, seeds))} vs {' '.join(map(str, baseline_seeds))}"
+    interval = welch_interval([v for _, v in mine], [v for _, v in theirs], confidence)
+    return Comparison(key, "Welch", interval, seeds, baseline_seeds, confidence, reason)
+
+
 # --------------------------------------------------------------------------- formatting
 
 
@@ -294,14 +545,122 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def markdown(groups: list[Group], baseline: Group | None) -> str:
+#: Appended to a Δ whose confidence interval excludes 0.
+MARK = "✱"
+
+#: (recipe name, evaluation key) → that recipe's comparison with the baseline.
+Comparisons = dict[tuple[str, str], Comparison]
+
+
+def comparisons(groups: list[Group], baseline: Group | None, confidence: float = DEFAULT_CONFIDENCE) -> Comparisons:
+    """Every non-baseline group against the baseline, for every evaluation key either reports."""
+    _check_confidence(confidence)
+    found: Comparisons = {}
+    if baseline is None:
+        return found
+    for group in groups:
+        if group is baseline:
+            continue
+        for key in sorted(set(group.eval_keys()) | set(baseline.eval_keys())):
+            comparison = compare(group, baseline, key, confidence)
+            if comparison is not None:
+                found[(group.name, key)] = comparison
+    return found
+
+
+def _percent(confidence: float) -> str:
+    return f"{100 * confidence:.4g} %"
+
+
+def fmt_marked_delta(comparison: Comparison | None) -> str:
+    if comparison is None:
+        return "–"
+    text = fmt_delta(comparison.interval.delta)
+    return f"{text} {MARK}" if comparison.excludes_zero else text
+
+
+def fmt_interval(interval: Interval) -> str:
+    if interval.low is None or interval.high is None:
+        return "none"
+    return f"[{fmt_delta(interval.low)}, {fmt_delta(interval.high)}]"
+
+
+def _n_cell(comparison: Comparison) -> str:
+    if comparison.method == "paired":
+        return str(comparison.n)
+    return f"{comparison.n} vs {len(comparison.baseline_seeds)}"
+
+
+def _method_cell(comparison: Comparison) -> str:
+    return comparison.method if not comparison.reason else f"{comparison.method} ({comparison.reason})"
+
+
+def _paired_section(groups: list[Group], baseline: Group, found: Comparisons, keys: list[str]) -> list[str]:
+    confidence = next(iter(found.values())).confidence if found else DEFAULT_CONFIDENCE
+    level = _percent(confidence)
+    lines = [f"## Differences from {baseline.name} (final evaluation)", ""]
+    lines.append(
+        f"Δ = recipe − {baseline.name}: *paired* rows average the per-seed differences (the same seed gives "
+        "both runs the same data order, noise draws and initial weights, so most seed noise cancels), *Welch* "
+        f"rows compare means where the seeds differ; the interval is Δ's {level} Student-t confidence interval "
+        f"over seeds, and {MARK} marks one that excludes 0 (a difference larger than the seed noise), "
+        "better or worse by the metric's direction."
+    )
+    lines.append("")
+    header = ["recipe", "metric", "Δ", f"{level} interval", "n", "method", "df", MARK, "note"]
+    rows = []
+    small_n = False
+    for group in groups:
+        for key in keys:
+            comparison = found.get((group.name, key))
+            if comparison is None:
+                continue
+            interval = comparison.interval
+            small_n = small_n or min(comparison.n, len(comparison.baseline_seeds)) < 3
+            rows.append(
+                [
+                    group.name,
+                    key.removeprefix("eval/"),
+                    fmt_delta(interval.delta),
+                    fmt_interval(interval),
+                    _n_cell(comparison),
+                    _method_cell(comparison),
+                    "–" if interval.df is None else f"{interval.df:.3g}",
+                    f"{MARK} {comparison.verdict}" if comparison.excludes_zero else "",
+                    interval.note,
+                ]
+            )
+    if not rows:
+        return [*lines, "No recipe shares an evaluation key with the baseline.", ""]
+    lines += _table(header, rows)
+    if small_n:
+        upper = (1.0 + confidence) / 2.0
+        t1, t2, t4 = (student_t_quantile(upper, df) for df in (1, 2, 4))
+        lines += [
+            "",
+            f"Fewer than 3 seeds: with n = 2 the t quantile has 1 degree of freedom ({t1:.2f} at {level}, "
+            f"against {t2:.2f} with 3 seeds and {t4:.2f} with 5), so only large effects can be marked; "
+            "n = 1 gives no interval at all.",
+        ]
+    return [*lines, ""]
+
+
+def markdown(groups: list[Group], baseline: Group | None, found: Comparisons | None = None) -> str:
+    """The report; ``found`` are the comparisons with the baseline (computed at 95 % when omitted)."""
+    found = comparisons(groups, baseline) if found is None else found
     headline = sorted({k for g in groups for k in g.eval_keys() if is_headline(k)})
     all_keys = sorted({k for g in groups for k in g.eval_keys()})
     lines = ["# Ablation report", ""]
     n_runs = sum(len(g.runs) for g in groups)
+    level = _percent(next(iter(found.values())).confidence) if found else _percent(DEFAULT_CONFIDENCE)
     lines.append(
         f"{len(groups)} recipe(s), {n_runs} run(s). Values are mean ± sample std over seeds (n − 1); "
-        + (f"Δ is the difference of means from **{baseline.name}**." if baseline else "no baseline group, no Δ.")
+        + (
+            f"Δ is the difference of means from **{baseline.name}**, and {MARK} marks a Δ whose {level} "
+            "confidence interval excludes 0 (see the differences below)."
+            if baseline
+            else "no baseline group, no Δ."
+        )
     )
     directions = ", ".join(f"`{k.removeprefix('eval/')}` {'↑' if higher_is_better(k) else '↓'}" for k in headline)
     if directions:
@@ -318,15 +677,17 @@ def markdown(groups: list[Group], baseline: Group | None) -> str:
         row = [group.name, " ".join(str(s) for s in group.seeds), str(min(r.last_step for r in group.runs))]
         row.append(fmt_stat(group.final_loss()))
         for key in headline:
-            stat = group.final(key)
-            compare = baseline is not None and group is not baseline
-            row += [fmt_stat(stat), fmt_delta(delta(stat, baseline.final(key))) if compare and baseline else "–"]
+            row += [fmt_stat(group.final(key)), fmt_marked_delta(found.get((group.name, key)))]
         row += [fmt_stat(group.throughput(k)) for k in THROUGHPUT_KEYS]
         row.append(published_cell(group.published()))
         rows.append(row)
     lines += _table(header, rows)
+    lines.append("")
 
-    lines += ["", "## Best value over the run", ""]
+    if baseline is not None:
+        lines += _paired_section(groups, baseline, found, headline)
+
+    lines += ["## Best value over the run", ""]
     header = ["recipe", *(k.removeprefix("eval/") for k in headline)]
     lines += _table(header, [[g.name, *(fmt_stat(g.best(k)) for k in headline)] for g in groups])
 
@@ -346,14 +707,60 @@ def _csv_number(value: float | None) -> str:
     return "" if value is None else repr(value)
 
 
-def write_csvs(groups: list[Group], baseline: Group | None, out: Path) -> None:
+#: Columns of comparisons.csv: the paired table's, with the numbers unformatted.
+COMPARISON_COLUMNS = (
+    "recipe",
+    "baseline",
+    "key",
+    "method",
+    "n",
+    "seeds",
+    "baseline_seeds",
+    "delta",
+    "ci_low",
+    "ci_high",
+    "confidence",
+    "df",
+    "t",
+    "excludes_zero",
+    "verdict",
+    "note",
+)
+
+
+def _comparison_row(comparison: Comparison, recipe: str, baseline: str) -> list[str]:
+    interval = comparison.interval
+    note = "; ".join(x for x in (comparison.reason, interval.note) if x)
+    return [
+        recipe,
+        baseline,
+        comparison.key,
+        comparison.method,
+        str(comparison.n),
+        " ".join(map(str, comparison.seeds)),
+        " ".join(map(str, comparison.baseline_seeds)),
+        _csv_number(interval.delta),
+        _csv_number(interval.low),
+        _csv_number(interval.high),
+        _csv_number(comparison.confidence),
+        _csv_number(interval.df),
+        _csv_number(interval.t),
+        str(comparison.excludes_zero).lower(),
+        comparison.verdict,
+        note,
+    ]
+
+
+def write_csvs(groups: list[Group], baseline: Group | None, out: Path, found: Comparisons | None = None) -> None:
+    found = comparisons(groups, baseline) if found is None else found
     all_keys = sorted({k for g in groups for k in g.eval_keys()})
     with (out / "summary.csv").open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         header = ["recipe", "n_runs", "seeds", "reference", "train_loss_mean", "train_loss_std"]
         for key in all_keys:
-            header += [f"{key}:final_mean", f"{key}:final_std", f"{key}:final_delta", f"{key}:best_mean"]
-            header += [f"{key}:best_std"]
+            header += [f"{key}:final_mean", f"{key}:final_std", f"{key}:final_delta"]
+            header += [f"{key}:final_delta_low", f"{key}:final_delta_high", f"{key}:final_delta_method"]
+            header += [f"{key}:final_delta_excludes_zero", f"{key}:best_mean", f"{key}:best_std"]
         for key in THROUGHPUT_KEYS:
             header += [f"{key}_mean", f"{key}_std"]
         header += [f"published_{m}" for m in (*PUBLISHED_METRICS, "batches_per_s")]
@@ -366,6 +773,12 @@ def write_csvs(groups: list[Group], baseline: Group | None, out: Path) -> None:
                 final, best = group.final(key), group.best(key)
                 row += [_csv_number(final.mean), _csv_number(final.std)]
                 row.append(_csv_number(delta(final, baseline.final(key)) if baseline else None))
+                comparison = found.get((group.name, key))
+                if comparison is None:
+                    row += ["", "", "", ""]
+                else:
+                    row += [_csv_number(comparison.interval.low), _csv_number(comparison.interval.high)]
+                    row += [comparison.method, str(comparison.excludes_zero).lower()]
                 row += [_csv_number(best.mean), _csv_number(best.std)]
             for key in THROUGHPUT_KEYS:
                 stat = group.throughput(key)
@@ -387,6 +800,14 @@ def write_csvs(groups: list[Group], baseline: Group | None, out: Path) -> None:
                     + [_csv_number(run.throughput(k)) for k in THROUGHPUT_KEYS]
                     + [_csv_number(run.final(k)) for k in all_keys]
                 )
+    with (out / "comparisons.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(COMPARISON_COLUMNS)
+        for group in groups:
+            for key in all_keys:
+                comparison = found.get((group.name, key))
+                if comparison is not None and baseline is not None:
+                    writer.writerow(_comparison_row(comparison, group.name, baseline.name))
 
 
 # --------------------------------------------------------------------------- plots
@@ -407,8 +828,11 @@ def _mean_curve(runs: list[RunRecord], key: str, lines_of: str) -> tuple[list[in
     return steps, means, stds
 
 
-def write_plots(groups: list[Group], out: Path) -> list[Path]:
-    """PNG plots; an empty list (and a note) when matplotlib is missing."""
+def write_plots(
+    groups: list[Group], out: Path, baseline: Group | None = None, found: Comparisons | None = None
+) -> list[Path]:
+    """PNG plots; an empty list (and a note) when matplotlib is missing. ``delta.png`` needs a
+    baseline and its comparisons."""
     try:
         import matplotlib
 
@@ -473,16 +897,82 @@ def write_plots(groups: list[Group], out: Path) -> list[Path]:
         fig.savefig(out / "final.png", dpi=120)
         plt.close(fig)
         written.append(out / "final.png")
+
+    if baseline is not None and found:
+        path = _delta_plot(plt, groups, baseline, found, headline, out / "delta.png")
+        if path is not None:
+            written.append(path)
     return written
+
+
+def _delta_plot(
+    plt: Any, groups: list[Group], baseline: Group, found: Comparisons, keys: list[str], path: Path
+) -> Path | None:
+    """Each recipe's Δ from the baseline per headline metric, its interval as the error bar; a
+    filled marker where the interval excludes 0, a hollow one where it does not or is missing."""
+    recipes = [g for g in groups if g is not baseline]
+    keys = [k for k in keys if any((g.name, k) in found for g in recipes)]
+    if not keys or not recipes:
+        return None
+    confidence = next(iter(found.values())).confidence
+    fig, axes = plt.subplots(
+        1, len(keys), figsize=(3.6 * len(keys) + 1.5, 0.45 * len(recipes) + 1.8), squeeze=False, sharey=True
+    )
+    ys = list(range(len(recipes)))
+    for ax, key in zip(axes[0], keys, strict=True):
+        ax.axvline(0.0, color="0.3", linewidth=1)
+        for y, group in zip(ys, recipes, strict=True):
+            comparison = found.get((group.name, key))
+            if comparison is None:
+                continue
+            interval = comparison.interval
+            color = {"better": "tab:green", "worse": "tab:red"}.get(comparison.verdict, "0.45")
+            if interval.low is not None and interval.high is not None:
+                xerr = [[interval.delta - interval.low], [interval.high - interval.delta]]
+                ax.errorbar(interval.delta, y, xerr=xerr, fmt="none", ecolor=color, capsize=3)
+            ax.plot(
+                interval.delta,
+                y,
+                marker="o",
+                color=color,
+                markerfacecolor=color if comparison.excludes_zero else "white",
+                linestyle="none",
+            )
+        ax.set_yticks(ys, [g.name for g in recipes], fontsize=7)
+        ax.set_ylim(len(recipes) - 0.5, -0.5)  # first recipe on top, half a row of margin
+        ax.locator_params(axis="x", nbins=5)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_title(f"Δ {key.removeprefix('eval/')} {'↑' if higher_is_better(key) else '↓'}", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(
+        f"final evaluation: Δ from {baseline.name} with {_percent(confidence)} intervals "
+        "(filled: the interval excludes 0; no bar: a single seed, no interval)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 # --------------------------------------------------------------------------- command
 
 
+def _confidence(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1 (e.g. 0.95 for 95 %), got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="prx-run report",
-        description="Tables (markdown, CSV) and plots comparing runs grouped by recipe name, mean ± std over seeds.",
+        description="Tables (markdown, CSV) and plots comparing runs grouped by recipe name: mean ± std over "
+        "seeds, and each recipe's difference from the baseline with a confidence interval (paired by seed).",
     )
     p.add_argument("paths", nargs="+", type=Path, help="run directories, or folders searched for them")
     p.add_argument("--out", type=Path, help="output folder (default: PATH/report for one PATH, else ./report)")
@@ -491,30 +981,41 @@ def parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="recipe name the Δ columns compare with (default: 'baseline', or the one name ending in 'baseline')",
     )
+    p.add_argument(
+        "--confidence",
+        type=_confidence,
+        default=DEFAULT_CONFIDENCE,
+        metavar="C",
+        help=f"confidence level of the intervals on Δ, in (0, 1) (default: {DEFAULT_CONFIDENCE})",
+    )
     return p
 
 
-def build(paths: list[Path], out: Path, baseline_name: str | None = None) -> tuple[str, list[Path]]:
+def build(
+    paths: list[Path], out: Path, baseline_name: str | None = None, confidence: float = DEFAULT_CONFIDENCE
+) -> tuple[str, list[Path]]:
     """Read the runs under ``paths`` and write the report into ``out``; returns (markdown, files)."""
+    _check_confidence(confidence)
     runs = [read_run(p) for p in find_runs(paths)]
     if not runs:
         raise FileNotFoundError(f"no run directories (with recipe.toml) under {', '.join(map(str, paths))}")
     groups = group_runs(runs)
     baseline = pick_baseline(groups, baseline_name)
     groups = order_groups(groups, baseline)
+    found = comparisons(groups, baseline, confidence)
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown(groups, baseline)
+    text = markdown(groups, baseline, found)
     (out / "report.md").write_text(text, encoding="utf-8")
-    write_csvs(groups, baseline, out)
-    files = [out / "report.md", out / "summary.csv", out / "runs.csv", *write_plots(groups, out)]
-    return text, files
+    write_csvs(groups, baseline, out, found)
+    tables = [out / "report.md", out / "summary.csv", out / "runs.csv", out / "comparisons.csv"]
+    return text, [*tables, *write_plots(groups, out, baseline, found)]
 
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     out = args.out or (args.paths[0] / "report" if len(args.paths) == 1 else Path("report"))
     try:
-        text, files = build(args.paths, out, args.baseline)
+        text, files = build(args.paths, out, args.baseline, args.confidence)
     except (FileNotFoundError, ValueError, KeyError, tomllib.TOMLDecodeError) as err:
         print(f"prx-run report: {err}", file=sys.stderr)
         return 1

@@ -100,3 +100,102 @@ def test_euler_recovers_x0_for_exact_velocity() -> None:
     cond = (torch.zeros(1, 1, 1), torch.ones(1, 1, dtype=torch.bool))
     out = euler_sample(velocity, noise, cond, cond, steps=7, cfg=1.0, shift=3.0)
     assert torch.allclose(out, x0, atol=1e-6)
+
+
+class _RecordingVelocity:
+    """v = 1 + 2·mean(states) per row (conditional rows have states 1, unconditional rows 0), and a
+    record of the states of every row of every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[torch.Tensor] = []
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.calls.append(states.mean(dim=(1, 2)))
+        return x * 0 + states.mean(dim=(1, 2)).reshape(-1, 1, 1, 1) * 2.0 + 1.0
+
+
+def _cond_uncond(batch: int) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    cond = (torch.ones(batch, 3, 4), torch.ones(batch, 3, dtype=torch.bool))
+    uncond = (torch.zeros(1, 3, 4), torch.ones(1, 3, dtype=torch.bool))
+    return cond, uncond
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.0, -2.0])
+def test_cfg_at_or_below_one_runs_the_conditional_model_alone(scale: float) -> None:
+    # The public code guides only above 1 (reference.md §8): at s ≤ 1 one forward, conditional rows only,
+    # and its output as it is. The formula u + s·(c − u) would give 1 + 2s here (1 at s = 0), not 3.
+    velocity = _RecordingVelocity()
+    cond, uncond = _cond_uncond(2)
+    out = classifier_free_guidance(velocity, torch.zeros(2, 1, 1, 1), torch.zeros(2), cond, uncond, scale=scale)
+    assert len(velocity.calls) == 1 and torch.equal(velocity.calls[0], torch.ones(2))
+    assert torch.equal(out, torch.full((2, 1, 1, 1), 3.0))
+
+
+def test_cfg_above_one_runs_both_branches_in_one_forward() -> None:
+    velocity = _RecordingVelocity()
+    cond, uncond = _cond_uncond(2)
+    out = classifier_free_guidance(velocity, torch.zeros(2, 1, 1, 1), torch.zeros(2), cond, uncond, scale=1.5)
+    assert len(velocity.calls) == 1 and torch.equal(velocity.calls[0], torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    # u = 1, c = 3 -> 1 + 1.5 * (3 - 1) = 4
+    assert torch.equal(out, torch.full((2, 1, 1, 1), 4.0))
+
+
+def test_euler_sampling_at_cfg_zero_never_runs_the_unconditional_branch() -> None:
+    velocity = _RecordingVelocity()
+    cond, uncond = _cond_uncond(3)
+    out = euler_sample(velocity, torch.zeros(3, 1, 1, 1), cond, uncond, steps=4, cfg=0.0)
+    assert len(velocity.calls) == 4 and all(torch.equal(c, torch.ones(3)) for c in velocity.calls)
+    # v = 3 at every step, integrated from t = 1 to 0: x = 0 + (0 − 1)·3 = −3 (not −1, the unconditional v).
+    assert torch.allclose(out, torch.full((3, 1, 1, 1), -3.0))
+
+
+class _PerSampleSpy:
+    """A per-sample guidance: records the keys it is bound to and the steps the bound copy runs."""
+
+    def __init__(self) -> None:
+        self.bound: list[tuple[int, list[int]]] = []
+        self.steps = 0
+
+    def for_samples(self, seed: int, sample_keys: list[int]) -> _PerSampleSpy:
+        self.bound.append((seed, list(sample_keys)))
+        return self
+
+    def __call__(self, velocity, x, t_B, cond, uncond):  # type: ignore[no-untyped-def]
+        if not self.bound:
+            raise AssertionError("called before for_samples")
+        self.steps += 1
+        return torch.zeros_like(x)
+
+
+def test_a_per_sample_guidance_learns_the_keys_once_before_the_first_step() -> None:
+    spy = _PerSampleSpy()
+    cond, uncond = _cond_uncond(2)
+    euler_sample(
+        _RecordingVelocity(),
+        torch.zeros(2, 1, 1, 1),
+        cond,
+        uncond,
+        3,
+        4.0,
+        guidance=spy,
+        sample_keys=[7, 2],
+        sample_seed=9,
+    )
+    assert spy.bound == [(9, [7, 2])] and spy.steps == 3
+    # Without keys the batch positions stand in; a mismatched key list is refused.
+    euler_sample(_RecordingVelocity(), torch.zeros(2, 1, 1, 1), cond, uncond, 1, 4.0, guidance=spy)
+    assert spy.bound[-1] == (0, [0, 1])
+    with pytest.raises(ValueError, match="sample_keys has 1 keys for a batch of 2"):
+        euler_sample(_RecordingVelocity(), torch.zeros(2, 1, 1, 1), cond, uncond, 1, 4.0, guidance=spy, sample_keys=[1])
+
+
+def test_a_plain_guidance_without_sample_keys_is_called_as_it_is() -> None:
+    calls: list[int] = []
+
+    def guidance(velocity, x, t_B, cond, uncond):  # type: ignore[no-untyped-def]
+        calls.append(x.shape[0])
+        return torch.ones_like(x)
+
+    cond, uncond = _cond_uncond(2)
+    out = euler_sample(_RecordingVelocity(), torch.zeros(2, 1, 1, 1), cond, uncond, 2, 4.0, guidance=guidance)
+    assert calls == [2, 2] and torch.allclose(out, torch.full((2, 1, 1, 1), -1.0))

@@ -372,6 +372,10 @@ def test_study_doc_commands_are_valid() -> None:
                 ablate.parser().parse_args([part for w in words[2:] for part in _expand(w).split()])
             elif words[1] == "report":
                 report.parser().parse_args(words[2:])
+            elif words[1] in ("sample", "eval", "export"):
+                from prx_core import cli
+
+                getattr(cli, f"{words[1]}_parser")().parse_args(words[2:])
             else:
                 args = _train_parser().parse_args(words[1:])
                 load(ROOT / args.recipe, args.overrides)

@@ -79,7 +79,7 @@ def test_patch_tokens_normalise_resize_and_drop_prefix(name: str, patch: int, tm
     assert encoder.std == pytest.approx((0.229, 0.224, 0.225))
     images = _images()
     with torch.no_grad():
-        tokens_BNE = encoder.patch_tokens(images, (3, 5))
+        tokens_BNE = encoder.patch_tokens(images, (3, 5), resize="antialias")
         # Independent computation: ImageNet normalisation, antialiased bilinear resize to the grid
         # times the patch size, the original model, and everything after the 5 prefix tokens.
         mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -89,6 +89,39 @@ def test_patch_tokens_normalise_resize_and_drop_prefix(name: str, patch: int, tm
     assert tokens_BNE.shape == (2, 15, 32)
     torch.testing.assert_close(tokens_BNE, expected, rtol=1e-5, atol=1e-5)
     assert encoder.prepare(images, (3 * patch, 5 * patch)).shape == (2, 3, 3 * patch, 5 * patch)
+
+
+@pytest.mark.parametrize(("name", "patch"), [("dinov2_vitl14_reg", 14), ("dinov3_vitl16", 16)])
+def test_patch_tokens_default_to_the_references_nearest_resize(name: str, patch: int, tmp_path: Path) -> None:
+    """reference.md §8: the teacher input is F.interpolate(scale_factor=patch/√(H·W/N)), nearest.
+
+    Written out as index selection: at 32 × 48 px with a 2 × 3 token grid (16-px tokens) the
+    factor is patch/16, and output pixel i takes input pixel floor(i · 16/patch), i.e. i·16 // patch
+    (exact: the factor's float rounding only nudges those quotients up, never across an integer).
+    """
+    original = _original(name)
+    encoder = load_frozen_encoder(name, str(_save(original, tmp_path / "w.safetensors")), overrides=TINY)
+    images = _images(h=32, w=48, seed=4)
+    rows = torch.tensor([i * 16 // patch for i in range(2 * patch)])
+    cols = torch.tensor([j * 16 // patch for j in range(3 * patch)])
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    selected = ((images - mean) / std)[:, :, rows][:, :, :, cols]
+    prepared = encoder.prepare(images, (2 * patch, 3 * patch), resize="nearest")
+    torch.testing.assert_close(prepared, selected, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        tokens_BNE = encoder.patch_tokens(images, (2, 3))  # the default resize
+        expected = original.forward_features(selected)[:, 5:]
+    torch.testing.assert_close(tokens_BNE, expected, rtol=1e-5, atol=1e-5)
+    # Not what an antialiased bilinear resize gives (the 14-px teacher downscales 32 → 28 here).
+    if patch == 14:
+        blended = encoder.prepare(images, (2 * patch, 3 * patch), resize="antialias")
+        assert not torch.allclose(blended, selected, atol=1e-3)
+    # The reference's formula only reaches the target when the aspect ratios agree.
+    with pytest.raises(ValueError, match="aspect ratio"):
+        encoder.patch_tokens(_images(h=20, w=30), (3, 3))
+    with pytest.raises(ValueError, match="unknown resize mode"):
+        encoder.prepare(images, (2 * patch, 3 * patch), resize="bicubic")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -108,7 +141,7 @@ def test_cls_token_is_the_first_output_token(name: str, tmp_path: Path) -> None:
 def test_gradients_reach_the_input_but_not_the_weights(name: str, tmp_path: Path) -> None:
     encoder = load_frozen_encoder(name, str(_save(_original(name), tmp_path / "w.safetensors")), overrides=TINY)
     images = _images().requires_grad_(True)
-    encoder.patch_tokens(images, (2, 2)).square().sum().backward()
+    encoder.patch_tokens(images, (2, 2), resize="antialias").square().sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
     assert all(not p.requires_grad and p.grad is None for p in encoder.model.parameters())
 
@@ -117,7 +150,7 @@ def test_dtype_and_device_come_from_the_caller(tmp_path: Path) -> None:
     weights = _save(_original("dinov2_vitl14_reg"), tmp_path / "w.safetensors")
     encoder = load_frozen_encoder("dinov2_vitl14_reg", str(weights), "cpu", torch.bfloat16, overrides=TINY)
     assert {p.dtype for p in encoder.model.parameters()} == {torch.bfloat16}
-    assert encoder.patch_tokens(_images(), (2, 2)).dtype == torch.bfloat16
+    assert encoder.patch_tokens(_images(h=28, w=28), (2, 2)).dtype == torch.bfloat16
 
 
 def test_low_precision_images_are_resized_and_keep_their_gradient(tmp_path: Path) -> None:
@@ -125,7 +158,7 @@ def test_low_precision_images_are_resized_and_keep_their_gradient(tmp_path: Path
     weights = _save(_original("dinov2_vitl14_reg"), tmp_path / "w.safetensors")
     encoder = load_frozen_encoder("dinov2_vitl14_reg", str(weights), overrides=TINY)
     images = _images().to(torch.bfloat16).requires_grad_(True)
-    tokens = encoder.patch_tokens(images, (3, 3))
+    tokens = encoder.patch_tokens(images, (3, 3), resize="antialias")
     assert tokens.dtype == torch.float32  # the encoder's dtype, not the input's
     tokens.sum().backward()
     assert images.grad is not None and images.grad.dtype == torch.bfloat16 and images.grad.abs().sum() > 0
@@ -224,5 +257,13 @@ def test_mean_cosine_similarity_against_a_loop() -> None:
             total += float(u @ v) / (float(u.norm()) * float(v.norm()))
     assert mean_cosine_similarity(a, b).item() == pytest.approx(total / 15, abs=1e-6)
     assert mean_cosine_similarity(a, 2.5 * a).item() == pytest.approx(1.0, abs=1e-6)
+    # bf16 tokens (a bf16 projector, a bf16 teacher) are compared in fp32, even under CPU autocast,
+    # which would otherwise keep the cosine in bf16 (1 − cos near 1 in steps of 2⁻⁸).
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    exact = mean_cosine_similarity(a16.double(), b16.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = mean_cosine_similarity(a16, b16)
+    assert value.dtype == torch.float32
+    assert value.item() == pytest.approx(exact.item(), abs=1e-6)
     with pytest.raises(ValueError, match="shapes"):
         mean_cosine_similarity(a, b[:, :4])

@@ -153,7 +153,7 @@ def test_state_dict_round_trip_is_bitwise() -> None:
 
 
 def test_config() -> None:
-    assert EMAConfig() == EMAConfig(decay=0.999, every=10, start_step=0)
+    assert EMAConfig() == EMAConfig(decay=0.999, every=10, start_step=1)
     for bad in ({"decay": 1.5}, {"decay": -0.1}, {"every": 0}, {"start_step": -1}):
         with pytest.raises(ValueError):
             EMAConfig(**bad)  # type: ignore[arg-type]
@@ -164,6 +164,40 @@ def test_config() -> None:
 # ---------------------------------------------------------------------------- with the trainer
 
 
+def test_default_ema_holds_the_weights_after_the_first_optimizer_step(tmp_path: Path) -> None:
+    """reference.md §8: the reference's EMA copies the weights at the end of the first batch, then
+    averages at steps 10, 20, …: with the defaults (decay 0.999, every 10) the average is w1 until
+    step 10, and 0.999·w1 + 0.001·w10 after it."""
+    trainer = make_trainer(
+        tiny_recipe(tmp_path / "r", {"plugins": {"ema": {}}, "train": {"steps": 10}}), tmp_path / "run"
+    )
+    live = trainer.run.require("trainable")
+    w0 = [p.detach().clone() for p in live.parameters()]
+    run_steps(trainer, 1)
+    w1 = [p.detach().clone() for p in live.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(w0, w1, strict=True))  # the step moved the weights
+    ema = trainer.sampling_modules()
+    assert ema is not live
+    for e, w in zip(ema.parameters(), w1, strict=True):
+        assert torch.equal(e, w)  # the weights after step 1, not the initial ones
+    run_steps(trainer, 8)  # steps 2..9: no update (9 % 10 != 0)
+    for e, w in zip(ema.parameters(), w1, strict=True):
+        assert torch.equal(e, w)
+    run_steps(trainer, 1)  # step 10: the first average
+    w10 = [p.detach() for p in live.parameters()]
+    for e, a, b in zip(ema.parameters(), w1, w10, strict=True):
+        torch.testing.assert_close(e, 0.999 * a + 0.001 * b, rtol=1e-6, atol=1e-7)
+
+
+def test_start_step_zero_starts_the_average_at_the_initial_weights(tmp_path: Path) -> None:
+    trainer = make_trainer(tiny_recipe(tmp_path / "r", {"plugins": {"ema": {"start_step": 0}}}), tmp_path / "run")
+    live = trainer.run.require("trainable")
+    w0 = [p.detach().clone() for p in live.parameters()]
+    run_steps(trainer, 1)
+    for e, w in zip(trainer.sampling_modules().parameters(), w0, strict=True):
+        assert torch.equal(e, w)
+
+
 def _ema_state(trainer: object) -> EmaState:
     state: EmaState = trainer.run.plugin_states[prx_ema.INFO.name]  # type: ignore[attr-defined]
     return state
@@ -171,7 +205,7 @@ def _ema_state(trainer: object) -> EmaState:
 
 def test_trainer_ema_tracks_all_trainable_weights(tmp_path: Path) -> None:
     trainer = make_trainer(
-        tiny_recipe(tmp_path / "r", {"plugins": {"ema": {"decay": 0.5, "every": 1}}}), tmp_path / "run"
+        tiny_recipe(tmp_path / "r", {"plugins": {"ema": {"decay": 0.5, "every": 1, "start_step": 0}}}), tmp_path / "run"
     )
     live = trainer.run.require("trainable")
     init = [p.detach().clone() for p in live.parameters()]
@@ -220,8 +254,10 @@ def test_generate_uses_ema_weights(tmp_path: Path) -> None:
     def images(trainer: object) -> torch.Tensor:
         return trainer.generate(["a red circle", "a blue square"], steps=2, cfg=2.0, seed=0, size=16)  # type: ignore[attr-defined]
 
-    # decay 1: the average stays at the initial weights however long the model trains.
-    frozen = make_trainer(tiny_recipe(tmp_path / "a", {"plugins": {"ema": {"decay": 1.0, "every": 1}}}), tmp_path / "a")
+    # decay 1 from the initial weights (start_step 0): the average stays there however long the model trains.
+    frozen = make_trainer(
+        tiny_recipe(tmp_path / "a", {"plugins": {"ema": {"decay": 1.0, "every": 1, "start_step": 0}}}), tmp_path / "a"
+    )
     run_steps(frozen, 2)
     fresh = make_trainer(tiny_recipe(tmp_path / "b"), tmp_path / "b")
     trained = make_trainer(tiny_recipe(tmp_path / "c"), tmp_path / "c")

@@ -98,7 +98,9 @@ def _spy_loss_terms(trainer: Trainer) -> dict[str, Any]:
 
 def test_config_defaults_and_validation() -> None:
     config = IrepaConfig()
-    assert (config.weight, config.layer, config.projector) == (0.5, 7, "conv")
+    assert (config.weight, config.layer, config.projector, config.projector_dtype) == (0.5, 7, "conv", "compute")
+    with pytest.raises(RecipeError, match="must be one of 'compute', 'param'"):
+        bind(IrepaConfig, {"projector_dtype": "bf16"}, prefix="plugins.irepa")
     with pytest.raises(RecipeError, match="must be one of 'conv', 'attention'"):
         bind(IrepaConfig, {"projector": "mlp"}, prefix="plugins.irepa")
     with pytest.raises(RecipeError, match="not divisible by projector_heads"):
@@ -263,8 +265,29 @@ def test_one_step_under_bf16_mixed(kind: str, weights: Path, tmp_path: Path) -> 
     trainer = make_trainer(tiny_recipe(tmp_path / "r", patch), tmp_path / "run")
     teacher = prx_irepa.loaded_teacher(trainer.run)
     assert {p.dtype for p in teacher.model.parameters()} == {trainer.run.precision.frozen_dtype}
+    # The projector is stored in the compute dtype (bf16), as the reference's (reference.md §8);
+    # the guard accepted it at setup because it is declared.
+    projector = trainer.run.require("trainable").extras["irepa"]
+    assert {p.dtype for p in projector.parameters()} == {torch.bfloat16}
     loss, terms, grad_norm = trainer.train_step(0)
     assert bool(loss.isfinite()) and bool(terms["irepa"].isfinite()) and bool(grad_norm.isfinite())
+    trainer.optimizer.step()
+    trainer.run.require("precision").check(trainer.run.require("trainable"), trainer.optimizer, "after a step")
+
+
+def test_teacher_input_is_the_references_nearest_resize(teacher: FrozenEncoder) -> None:
+    """reference.md §8: iREPA's teacher input is resized like REPA's, nearest by scale factor. At
+    16 × 16 px with a 4 × 4 grid and a /14 teacher the factor is 3.5: output pixel i takes input
+    pixel floor(i / 3.5) = 2i // 7."""
+    images = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(8))
+    index = torch.tensor([2 * i // 7 for i in range(56)])
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    selected = ((images - mean) / std)[:, :, index][:, :, :, index]
+    with torch.no_grad():
+        expected = _loop_spatial_norm(teacher.model.forward_features(selected)[:, teacher.num_prefix_tokens :])
+        targets = irepa_targets(teacher, images, (4, 4), None, layer=0)
+    torch.testing.assert_close(targets.double(), expected, rtol=1e-4, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- precomputed targets

@@ -61,22 +61,59 @@ def test_stage_distance_hand_computed() -> None:
     assert torch.allclose(stage_distance(a, b, lin), torch.tensor([0.06]))
 
 
-def test_resize_matches_hand_computed_triangle_filter() -> None:
-    # Antialiased bilinear ×0.5 is a triangle filter two input pixels wide: taps (1, 3, 3, 1)/8,
-    # renormalised where they fall off the border: out0 = (3a + 3b + c)/7, out1 = (b + 3c + 3d)/7.
-    r = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.float64)
-    c = torch.tensor([0.5, -1.0, 3.0, 2.0], dtype=torch.float64)
+def _block_means(image: torch.Tensor) -> torch.Tensor:
+    """×0.5 by hand: out[i, j] is the mean of the 2×2 block at rows 2i, 2i+1 and columns 2j, 2j+1.
 
-    def half(v: torch.Tensor) -> torch.Tensor:
-        return torch.stack([(3 * v[0] + 3 * v[1] + v[2]) / 7, (v[1] + 3 * v[2] + 3 * v[3]) / 7])
+    Bilinear with align_corners=False at scale factor ½ samples input position (i + ½)·2 − ½ =
+    2i + ½, halfway between pixels 2i and 2i + 1; an odd last row or column is never sampled.
+    """
+    rows, cols = image.shape[-2] // 2, image.shape[-1] // 2
+    out = torch.empty(*image.shape[:-2], rows, cols, dtype=image.dtype)
+    for i in range(rows):
+        for j in range(cols):
+            out[..., i, j] = image[..., 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].sum(dim=(-2, -1)) / 4
+    return out
 
-    image = (r[:, None] * c[None, :]).expand(1, 3, 4, 4)
+
+def test_resize_is_bilinear_without_antialiasing_by_scale_factor() -> None:
+    """reference.md §8: the reference resizes with F.interpolate(scale_factor=0.5, bilinear), no antialias."""
+    image = torch.arange(1 * 3 * 7 * 7, dtype=torch.float64).reshape(1, 3, 7, 7) ** 1.5  # not a linear ramp
     out = resize_images(image, 0.5)
-    assert out.shape == (1, 3, 2, 2)
-    expected = half(r)[:, None] * half(c)[None, :]
-    assert torch.allclose(out[0, 1], expected, atol=1e-12)
+    # floor(7 × 0.5) = 3 (round() would give 4), each pixel a 2×2 block mean; row and column 6 unused.
+    assert out.shape == (1, 3, 3, 3)
+    torch.testing.assert_close(out, _block_means(image), rtol=0, atol=1e-12)
+    even = _images(2, 8, seed=20).double()
+    torch.testing.assert_close(resize_images(even, 0.5), _block_means(even), rtol=0, atol=1e-12)
+    # An antialiased resize would blend 4×4 neighbourhoods instead: a different image.
+    antialiased = torch.nn.functional.interpolate(even, scale_factor=0.5, mode="bilinear", antialias=True)
+    assert not torch.allclose(antialiased, _block_means(even), atol=1e-3)
     assert resize_images(image, 1.0) is image
     assert resize_images(torch.zeros(1, 3, 1024, 1024), 0.5).shape[-2:] == (512, 512)
+    # A bf16 x̂0 (autocast output) is resized in fp32 and keeps its gradient.
+    low = _images(1, 8, seed=21).bfloat16().requires_grad_(True)
+    resized = resize_images(low, 0.5)
+    assert resized.dtype == torch.float32
+    resized.sum().backward()
+    assert low.grad is not None and torch.equal(low.grad, torch.full_like(low, 0.25))
+
+
+def test_lpips_at_half_resolution_equals_the_lpips_package_on_block_means(tmp_path: Path) -> None:
+    """The plugin's value at resize 0.5 is lpips.LPIPS (the reference's network) of the hand-made
+    2×2 block means of both images: the resize is exactly the reference's."""
+    lpips = pytest.importorskip("lpips")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False).eval()
+    trunk = {re.sub(r"^slice\d\.", "features.", k): v.clone() for k, v in reference.net.state_dict().items()}
+    vgg_path = tmp_path / "vgg.safetensors"
+    save_file(trunk, str(vgg_path))
+    ours = load_lpips_vgg(str(vgg_path), "")
+    x0_hat, x0 = _images(2, 34, seed=22), _images(2, 34, seed=23)  # 34 px → 17 px
+    with torch.no_grad():
+        value = lpips_loss(ours, x0_hat, x0, torch.tensor([0.3, 0.8]), resize=0.5, t_max=None)
+        expected = reference(_block_means(x0_hat), _block_means(x0)).flatten().mean()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_matches_reference_lpips_package(tmp_path: Path) -> None:
@@ -157,6 +194,21 @@ def test_too_small_images_are_an_error_not_a_silent_skip(net: LPIPSVGG) -> None:
         lpips_loss(net, _images(1, 16, 0), _images(1, 16, 1), torch.tensor([0.5]), resize=0.5, t_max=None)
     with pytest.raises(ValueError, match="differ in shape"):
         net(_images(1, 16, 0), _images(1, 32, 1))
+
+
+def test_head_dtype_does_not_depend_on_param_dtype(tmp_path: Path, weight_files: tuple[Path, Path]) -> None:
+    """bf16_weights differs from bf16_mixed in weight storage only: the trunk runs in the frozen
+    dtype (bf16 under both) and the head in fp32 under both, so the loss maths is the same."""
+    dtypes = {}
+    for policy in ("bf16_mixed", "bf16_weights", "fp32"):
+        patch = _patch(weight_files)
+        patch["precision"] = {"use": policy}
+        trainer = make_trainer(tiny_recipe(tmp_path / policy, patch), tmp_path / f"run-{policy}")
+        state = trainer.run.plugin_states["lpips"]
+        trunk = {p.dtype for p in state.net.parameters()}
+        dtypes[policy] = (trunk, state.head_dtype)
+    assert dtypes["bf16_mixed"] == dtypes["bf16_weights"] == ({torch.bfloat16}, torch.float32)
+    assert dtypes["fp32"] == ({torch.float32}, torch.float32)
 
 
 def test_head_dtype_and_trunk_dtype(weight_files: tuple[Path, Path]) -> None:

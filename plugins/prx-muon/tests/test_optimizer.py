@@ -138,7 +138,7 @@ def test_adamw_group_is_bitwise_torch_adamw() -> None:
     shapes = [(7,), (5, 3), (1, 1, 4)]
     ours, theirs = _params(shapes, 3), _params(shapes, 3)
     optimizer = MuonAdamW([], ours, ns_dtype=torch.float32, lr=1e-2, adamw_weight_decay=0.1)
-    reference = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.1, foreach=True)
+    reference = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=True)
     for step in range(4):
         _set_grads([ours, theirs], step)
         optimizer.step()
@@ -146,6 +146,38 @@ def test_adamw_group_is_bitwise_torch_adamw() -> None:
     for a, b in zip(ours, theirs, strict=True):
         assert torch.equal(a, b)
         assert torch.equal(optimizer.state[a]["exp_avg_sq"], reference.state[b]["exp_avg_sq"])
+
+
+def test_adam_group_default_eps_is_the_references_1e8_written_out_as_the_adamw_formula() -> None:
+    """reference.md §8: the reference's Muon configuration gives its Adam group eps 1e-8.
+
+    Two steps on gradients of order 1e-8, where eps is not negligible against √v̂ (with the AdamW
+    baseline's 1e-15 the update would be about lr·sign(g) instead), checked against AdamW written
+    out in float64: m ← β1·m + (1 − β1)·g, v ← β2·v + (1 − β2)·g², w ← w − lr·(m/(1 − β1ᵗ)) /
+    (√(v/(1 − β2ᵗ)) + eps).
+    """
+    config = MuonConfig()
+    assert config.adamw_eps == 1e-8 and config.adamw_betas == (0.9, 0.95) and config.adamw_weight_decay == 0.0
+    start = torch.tensor([0.5, -0.25, 0.125, 1.0])
+    grads = [torch.tensor([1e-8, -3e-8, 2e-9, 0.0]), torch.tensor([-2e-8, 1e-8, 5e-9, 4e-8])]
+    (param,) = [torch.nn.Parameter(start.clone())]
+    optimizer = MuonAdamW([], [param], ns_dtype=torch.float32, lr=1e-2)  # eps: the constructor's default
+    lr, beta1, beta2, eps = 1e-2, 0.9, 0.95, 1e-8
+    w, m, v = start.double(), torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    for t, grad in enumerate(grads, start=1):
+        param.grad = grad.clone()
+        optimizer.step()
+        g = grad.double()
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        w = w - lr * (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+        torch.testing.assert_close(param.detach().double(), w, rtol=0, atol=1e-7)
+    # The check is sensitive to eps: the baseline's 1e-15 moves the first weight by lr, not lr/2.
+    (other,) = [torch.nn.Parameter(start.clone())]
+    baseline_eps = MuonAdamW([], [other], ns_dtype=torch.float32, lr=1e-2, adamw_eps=1e-15)
+    other.grad = grads[0].clone()
+    baseline_eps.step()
+    assert other[0].item() == pytest.approx(0.5 - lr, abs=1e-7)
 
 
 def test_bf16_weights_keep_fp32_state_and_round_once() -> None:
@@ -156,7 +188,7 @@ def test_bf16_weights_keep_fp32_state_and_round_once() -> None:
     optimizer = MuonAdamW(
         [ours[0]], [ours[1]], ns_dtype=torch.float32, lr=1e-2, state_dtype=torch.float32, momentum=0.9
     )
-    reference = torch.optim.AdamW([theirs[1]], lr=1e-2, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0, foreach=True)
+    reference = torch.optim.AdamW([theirs[1]], lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, foreach=True)
     _set_grads([ours], 0)
     for p, q in zip(ours, theirs, strict=True):
         q.grad = p.grad.float()

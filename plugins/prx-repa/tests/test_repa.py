@@ -72,6 +72,7 @@ def _spy_loss_terms(trainer: Trainer) -> dict[str, Any]:
 def test_config_defaults_follow_the_spec() -> None:
     config = RepaConfig()
     assert (config.weight, config.layer, config.encoder, config.projector_dim) == (0.5, 7, "dinov2_vitl14_reg", 1024)
+    assert config.projector_dtype == "compute"
     assert prx_repa.INFO.config is RepaConfig
 
 
@@ -82,6 +83,7 @@ def test_config_defaults_follow_the_spec() -> None:
         ({"layer": -1}, "layer must be >= 0"),
         ({"projector_dim": 0}, "projector_dim must be >= 1"),
         ({"encoder": " "}, "encoder must name a teacher"),
+        ({"projector_dtype": "bfloat16"}, "projector_dtype' must be one of 'compute', 'param'"),
         ({"lambda": 0.5}, "unknown key"),
     ],
 )
@@ -124,6 +126,38 @@ def test_loss_matches_a_token_by_token_computation(teacher: FrozenEncoder) -> No
         targets = teacher.patch_tokens(images, (4, 6))
         expected = _loop_neg_cos(projector(tokens), targets)
     assert value.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_teacher_input_is_the_references_nearest_resize(teacher: FrozenEncoder) -> None:
+    """reference.md §8: the reference resizes the teacher's input with F.interpolate(scale_factor=
+    patch / √(H·W / N)) in its default nearest mode. Written out as index selection: 16 × 24-px
+    images with a 4 × 6 token grid (4-px tokens) and a /14 teacher give a factor of 3.5, so output
+    pixel i takes input pixel floor(i / 3.5) = 2i // 7, along both axes."""
+    g = torch.Generator().manual_seed(7)
+    images = torch.rand(2, 3, 16, 24, generator=g)
+    seen: list[torch.Tensor] = []
+    model = teacher.model
+    original = model.forward_features
+
+    def spy(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.detach().clone())
+        return original(x)
+
+    model.forward_features = spy  # type: ignore[method-assign]
+    try:
+        targets = repa_targets(teacher, images, (4, 6), None, layer=0)
+    finally:
+        del model.forward_features
+    rows = torch.tensor([2 * i // 7 for i in range(4 * 14)])
+    cols = torch.tensor([2 * j // 7 for j in range(6 * 14)])
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    expected_input = ((images - mean) / std)[:, :, rows][:, :, :, cols]
+    (teacher_input,) = seen
+    assert teacher_input.shape == (2, 3, 56, 84)
+    torch.testing.assert_close(teacher_input, expected_input, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(targets, original(expected_input)[:, teacher.num_prefix_tokens :])
 
 
 def test_targets_follow_a_route_plan_that_covers_the_layer(teacher: FrozenEncoder) -> None:
@@ -244,6 +278,46 @@ def test_dinov3_teacher_under_bf16_mixed(tmp_path: Path) -> None:
     assert {p.dtype for p in teacher.model.parameters()} == {trainer.run.precision.frozen_dtype}
     losses = run_steps(trainer, 1)
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_projector_is_stored_in_bf16_under_bf16_mixed_as_declared(
+    weights: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """reference.md §8: the reference keeps its REPA projector in bf16 (weights stored in bf16, the
+    computation under bf16 autocast). Under bf16_mixed the projector is bf16 and declared to the
+    precision guard, the rest of the model stays fp32, the optimizer state fp32; a step, a save and
+    a resume all pass the guard, and the guard refuses the projector if anything casts it back."""
+    from prx_core.precision import PrecisionError
+
+    patch = _patch(weights)
+    patch["precision"] = {"use": "bf16_mixed"}
+    with caplog.at_level("INFO", logger="prx"):
+        trainer = make_trainer(tiny_recipe(tmp_path / "r", patch), tmp_path / "run")
+    assert "plugin 'repa' stores its module's weights in torch.bfloat16, not in torch.float32" in caplog.text
+    trainable = trainer.run.require("trainable")
+    projector = trainable.extras["repa"]
+    assert {p.dtype for p in projector.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in trainable.model.parameters()} == {torch.float32}
+    run_steps(trainer, 1)
+    assert {p.grad.dtype for p in projector.parameters() if p.grad is not None} <= {torch.bfloat16}
+    states = [trainer.optimizer.state[p] for p in projector.parameters()]
+    assert all(v.dtype == torch.float32 for st in states for v in st.values() if isinstance(v, torch.Tensor))
+    trainer.save()
+    resumed = make_trainer(tiny_recipe(tmp_path / "r", patch), tmp_path / "run", resume="auto")  # the guard runs
+    assert {p.dtype for p in resumed.run.require("trainable").extras["repa"].parameters()} == {torch.bfloat16}
+    projector.float()  # something casts the declared module behind the plugin's back
+    with pytest.raises(PrecisionError, match=r"plugin 'repa' declared module 'extras\.repa' stored in torch\.bfloat16"):
+        trainer.run.require("precision").check(trainable, trainer.optimizer, "after resume")
+
+
+def test_projector_dtype_param_keeps_the_policys_weight_dtype(weights: Path, tmp_path: Path) -> None:
+    patch = _patch(weights, projector_dtype="param")
+    patch["precision"] = {"use": "bf16_mixed"}
+    trainer = make_trainer(tiny_recipe(tmp_path / "r", patch), tmp_path / "run")
+    assert {p.dtype for p in trainer.run.require("trainable").extras["repa"].parameters()} == {torch.float32}
+    # Under fp32 the compute dtype is fp32: nothing to declare, the projector is fp32 either way.
+    fp32 = make_trainer(tiny_recipe(tmp_path / "f", _patch(weights)), tmp_path / "run_f")
+    assert {p.dtype for p in fp32.run.require("trainable").extras["repa"].parameters()} == {torch.float32}
 
 
 # --------------------------------------------------------------------------- precomputed targets

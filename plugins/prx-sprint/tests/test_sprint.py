@@ -63,24 +63,53 @@ def _ctx(training: bool, extras: dict[str, torch.nn.Module]) -> ForwardContext:
 
 
 def test_fusion_matches_a_hand_computed_example() -> None:
-    # H = 1, so fuse([d ; f]) = a·d + b·f with fuse.weight = [[a, b]].
+    # H = 1, so fuse([d ; f]) = a·d + b·f + c with fuse.weight = [[a, b]] and fuse.bias = [c].
     fusion = SprintFusion(1)
     with torch.no_grad():
         fusion.fuse.weight.copy_(torch.tensor([[2.0, 0.5]]))
+        fusion.fuse.bias.fill_(0.25)
         fusion.mask_token.fill_(-5.0)
     dense_BNH = torch.tensor([[[1.0], [2.0], [3.0]]])
     sparse_BKH = torch.tensor([[[10.0], [30.0]]])
     out = fusion(dense_BNH, sparse_BKH, torch.tensor([[0, 2]]))
-    # Position 1 was routed: it gets the mask token, −5. 2·1 + 0.5·10, 2·2 + 0.5·(−5), 2·3 + 0.5·30.
-    assert torch.equal(out, torch.tensor([[[7.0], [1.5], [21.0]]]))
+    # Position 1 was routed: it gets the mask token, −5.
+    # 2·1 + 0.5·10 + 0.25, 2·2 + 0.5·(−5) + 0.25, 2·3 + 0.5·30 + 0.25.
+    assert torch.equal(out, torch.tensor([[[7.25], [1.75], [21.25]]]))
     out.sum().backward()
     assert fusion.mask_token.grad is not None
     assert torch.equal(fusion.mask_token.grad, torch.tensor([0.5]))  # b × one routed position
+    assert fusion.fuse.bias.grad is not None and torch.equal(fusion.fuse.bias.grad, torch.tensor([3.0]))
 
 
-def test_fusion_starts_as_the_span_output_without_routing() -> None:
-    fusion = SprintFusion(4)
+def test_default_init_is_pytorchs_linear_with_a_bias_and_not_the_identity() -> None:
+    # The public code's fusion: nn.Linear(2H, H, bias=True) at its default init (reference.md §8).
+    hidden = 4
+    torch.manual_seed(0)
+    fusion = SprintFusion(hidden)
+    weight, bias = fusion.fuse.weight.detach(), fusion.fuse.bias.detach()
+    assert weight.shape == (hidden, 2 * hidden) and bias.shape == (hidden,)
+    bound = 1 / (2 * hidden) ** 0.5  # PyTorch's default: U(±1/√fan_in) for both weight and bias
+    assert weight.abs().max() <= bound and bias.abs().max() <= bound and bias.abs().min() > 0
+    assert not torch.equal(weight, torch.cat([torch.zeros(hidden, hidden), torch.eye(hidden)], dim=1))
+    assert torch.equal(fusion.mask_token, torch.zeros(hidden))
+    # Drawn from the global generator: the core seeds it around prx_build_modules, so init is reproducible.
+    torch.manual_seed(0)
+    assert torch.equal(SprintFusion(hidden).fuse.weight, weight)
+
+    gen = torch.Generator().manual_seed(1)
+    dense, sparse = torch.randn(2, 5, hidden, generator=gen), torch.randn(2, 5, hidden, generator=gen)
+    with torch.no_grad():
+        out = fusion(dense, sparse, None)
+    # Written out: the concatenation [dense ; sparse] times W transposed, plus b.
+    expected = torch.cat([dense, sparse], dim=-1) @ weight.T + bias
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(out, sparse)  # at init the fused output is not the span output
+
+
+def test_identity_init_starts_as_the_span_output_without_routing() -> None:
+    fusion = SprintFusion(4, init="identity")
     assert torch.equal(fusion.fuse.weight, torch.cat([torch.zeros(4, 4), torch.eye(4)], dim=1))
+    assert torch.equal(fusion.fuse.bias, torch.zeros(4))
     assert torch.equal(fusion.mask_token, torch.zeros(4))
     dense, sparse = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
     assert torch.equal(fusion(dense, sparse, None), sparse)
@@ -88,11 +117,15 @@ def test_fusion_starts_as_the_span_output_without_routing() -> None:
     idx = torch.tensor([[1, 3], [0, 4]])
     routed = fusion(dense, sparse[:, :2], idx)
     assert torch.equal(routed, scatter_tokens(torch.zeros(2, 5, 4), sparse[:, :2], idx))
+    with pytest.raises(ValueError, match="init must be one of"):
+        SprintFusion(4, init="zeros")  # type: ignore[arg-type]
 
 
-def test_route_maths_copy_matches_hand_values() -> None:
-    # This package carries its own copy of the route maths (plugins never import each other).
+def test_route_count_is_the_shared_one() -> None:
+    # The count lives in prx_core.routing (shared with tread): N − round(p·N), halves to even.
     assert [visible_count(16, 0.75), visible_count(10, 0.7), visible_count(100, 0.29)] == [4, 3, 71]
+    # p = 0.75 half cases: round(7.5) = 8 of 10 routed, round(10.5) = 10 of 14, round(4.5) = 4 of 6.
+    assert [visible_count(10, 0.75), visible_count(14, 0.75), visible_count(6, 0.75)] == [2, 4, 2]
     idx = choose_visible(3, 16, 0.75, torch.Generator().manual_seed(0))
     assert idx.shape == (3, 4) and all(r == sorted(set(r)) for r in idx.tolist())
     rope = torch.randn(3, 1, 16, 2, 2, 2)
@@ -145,12 +178,15 @@ def test_evaluation_runs_every_token_and_still_fuses() -> None:
         handle.remove()
     assert seen == [16] and calls == [16]  # p = 0 at evaluation, fusion present
     assert ROUTE_PLAN not in ctx.stash
-    # At init the fusion is [0 | I]: the whole forward equals the plain PRX forward.
     model = _model()
     x, t, text, mask = _inputs()
     with torch.no_grad():
         plain = denoise(model, x, t, text, mask, _ctx(False, {}))
-    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    # At the default init the fusion changes the function ...
+    assert not torch.allclose(out, plain)
+    # ... and with fusion_init = "identity" the whole forward equals the plain PRX forward.
+    identity, _, _ = _run(_router(), training=False, fusion=SprintFusion(32, init="identity"))
+    torch.testing.assert_close(identity, plain, rtol=0, atol=0)
 
 
 def test_a_missing_fusion_module_is_a_clear_error() -> None:
@@ -207,11 +243,13 @@ def test_fusion_is_trained_and_checkpointed_with_the_model(tmp_path: Path) -> No
     fusion = trainable.extras["sprint"]
     assert isinstance(fusion, SprintFusion)
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert {id(fusion.fuse.weight), id(fusion.mask_token)} <= optimised
+    assert {id(fusion.fuse.weight), id(fusion.fuse.bias), id(fusion.mask_token)} <= optimised
     before = [p.detach().clone() for p in fusion.parameters()]
     run_steps(trainer, 1)
     assert all(not torch.equal(a, b) for a, b in zip(before, fusion.parameters(), strict=True))
-    assert {"extras.sprint.fuse.weight", "extras.sprint.mask_token"} <= set(trainable.state_dict())
+    assert {"extras.sprint.fuse.weight", "extras.sprint.fuse.bias", "extras.sprint.mask_token"} <= set(
+        trainable.state_dict()
+    )
     info = trainer.save()
     assert info is not None
     parts, _ = trainer.checkpoints.load(info, device="cpu")
@@ -256,8 +294,28 @@ def test_span_beyond_the_model_is_refused_with_a_clear_error(tmp_path: Path) -> 
         _trainer(tmp_path, "deep", {"router": {"end": 5}})
 
 
+def test_the_recipe_chooses_the_fusion_init(tmp_path: Path) -> None:
+    default = _trainer(tmp_path, "init-default").run.trainable.extras["sprint"]
+    again = _trainer(tmp_path, "init-again").run.trainable.extras["sprint"]
+    identity = _trainer(tmp_path, "init-identity", {"router": {"fusion_init": "identity"}}).run.trainable.extras[
+        "sprint"
+    ]
+    hidden = default.hidden_size
+    eye = torch.cat([torch.zeros(hidden, hidden), torch.eye(hidden)], dim=1)
+    assert not torch.equal(default.fuse.weight, eye) and torch.equal(identity.fuse.weight, eye)
+    assert torch.equal(identity.fuse.bias, torch.zeros(hidden))
+    # The default draw is keyed by the recipe seed: the same recipe builds the same fusion.
+    assert torch.equal(default.fuse.weight, again.fuse.weight) and torch.equal(default.fuse.bias, again.fuse.bias)
+
+
 @pytest.mark.parametrize(
-    ("table", "message"), [({"start": 3, "end": 2}, "start"), ({"start": -1}, "start"), ({"ratio": 1.0}, "ratio")]
+    ("table", "message"),
+    [
+        ({"start": 3, "end": 2}, "start"),
+        ({"start": -1}, "start"),
+        ({"ratio": 1.0}, "ratio"),
+        ({"fusion_init": "zeros"}, "fusion_init"),
+    ],
 )
 def test_config_rejects_bad_values(table: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):

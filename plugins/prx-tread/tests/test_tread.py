@@ -6,7 +6,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import math  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 from typing import Any  # noqa: E402
@@ -14,7 +13,7 @@ from typing import Any  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from prx_tread import TreadConfig  # noqa: E402
-from prx_tread.router import TreadRouter, guidance_generator  # noqa: E402
+from prx_tread.router import SelfGuidance, TreadRouter  # noqa: E402
 
 from prx_core import hookimpl  # noqa: E402
 from prx_core.config import RecipeError  # noqa: E402
@@ -78,18 +77,28 @@ def _eval_ctx() -> ForwardContext:
 @pytest.mark.parametrize(
     ("length", "ratio", "expected"),
     [
+        # Halves round to even (Python's round, as the public code, reference.md §8):
+        (255, 0.5, 127),  # round(127.5) = 128 routed, 255 − 128 = 127 kept (⌈127.5⌉ = 128 would keep one more)
+        (5, 0.5, 3),  # round(2.5) = 2 routed, 3 kept
+        (7, 0.5, 3),  # round(3.5) = 4 routed, 3 kept
+        (10, 0.25, 8),  # round(2.5) = 2 routed
+        (6, 0.25, 4),  # round(1.5) = 2 routed
+        # Other fractions round to nearest:
         (16, 0.5, 8),
         (16, 0.75, 4),
-        (16, 0.3, 12),
-        (10, 0.3, 7),
+        (16, 0.3, 11),  # round(4.8) = 5 routed
+        (10, 0.3, 7),  # 0.3·10 = 3.0000000000000004 in floats: 3 routed
         (10, 0.7, 3),
-        (100, 0.29, 71),
+        (100, 0.29, 71),  # 0.29·100 = 28.999999999999996 in floats: 29 routed
+        (1024, 0.5, 512),
+        # p = 0 routes nothing; p > 0 routes at least one token and keeps at least one:
         (16, 0.0, 16),
-        (3, 0.99, 1),
+        (16, 0.01, 15),  # round(0.16) = 0, raised to 1 routed
+        (3, 0.99, 1),  # round(2.97) = 3, lowered to N − 1 = 2 routed
+        (1, 0.5, 1),  # a single token always stays
     ],
 )
-def test_visible_count_is_the_ceiling_of_the_kept_fraction(length: int, ratio: float, expected: int) -> None:
-    # Hand values of ⌈(1 − p)·N⌉: e.g. ⌈0.7·16⌉ = ⌈11.2⌉ = 12, ⌈0.71·100⌉ = 71 (p·N = 28.999… in floats).
+def test_visible_count_keeps_n_minus_the_rounded_routed_count(length: int, ratio: float, expected: int) -> None:
     assert visible_count(length, ratio) == expected
 
 
@@ -163,7 +172,7 @@ def test_span_blocks_see_the_visible_tokens_and_routed_tokens_pass_unchanged() -
     finally:
         for h in handles:
             h.remove()
-    keep = math.ceil(0.7 * 16)  # 12 of 16 tokens run through block 1
+    keep = 16 - 5  # p = 0.3: round(4.8) = 5 of 16 tokens are routed, 11 run through block 1
     assert [seen[i][0].shape[1] for i in range(3)] == [16, keep, 16]
     plan = ctx.stash[ROUTE_PLAN]
     assert (plan.full_length, plan.start, plan.end, tuple(plan.visible_idx_BK.shape)) == (16, 1, 1, (3, keep))
@@ -171,7 +180,7 @@ def test_span_blocks_see_the_visible_tokens_and_routed_tokens_pass_unchanged() -
     for b in range(3):
         visible = plan.visible_idx_BK[b].tolist()
         routed = [j for j in range(16) if j not in visible]
-        assert len(routed) == 4
+        assert len(routed) == 5
         assert torch.equal(after[b, routed], before[b, routed])  # bitwise: they skipped block 1
         assert torch.equal(seen[1][0][b], before[b, visible])  # the span gets the visible ones, in order
         assert torch.equal(after[b, visible], outputs[1][b])
@@ -197,17 +206,25 @@ def test_visible_tokens_keep_their_rope_rows() -> None:
     assert torch.equal(ropes[0], torch.stack([full_rope[b, :, idx[b]] for b in range(3)]))
 
 
-@pytest.mark.parametrize("ratio", [0.0, 0.01])
-def test_p_zero_equals_the_unrouted_forward_bitwise(ratio: float) -> None:
-    # 0.0 routes nothing; 0.01 keeps ⌈0.99·16⌉ = 16 tokens, so the gather/scatter path runs on all of them.
+def test_p_zero_equals_the_unrouted_forward_bitwise() -> None:
     model = _model()
     x, t, text, mask = _inputs()
     with torch.no_grad():
         plain = denoise(model, x, t, text, mask, _train_ctx())
-        routed = denoise(model, x, t, text, mask, _train_ctx(), router=_router(ratio=ratio))
+        routed = denoise(model, x, t, text, mask, _train_ctx(), router=_router(ratio=0.0))
         half = denoise(model, x, t, text, mask, _train_ctx(), router=_router(ratio=0.5))
     assert torch.equal(routed, plain)
     assert not torch.equal(half, plain)  # a real route does change the output
+
+
+def test_a_tiny_ratio_still_routes_one_token() -> None:
+    # p = 0.01 of 16 tokens: round(0.16) = 0, but the public code routes at least one when p > 0.
+    model = _model()
+    x, t, text, mask = _inputs()
+    ctx = _train_ctx()
+    with torch.no_grad():
+        denoise(model, x, t, text, mask, ctx, router=_router(ratio=0.01))
+    assert ctx.stash[ROUTE_PLAN].visible_idx_BK.shape == (3, 15)
 
 
 def test_sampling_is_unrouted_when_train_only_and_reproducible_otherwise() -> None:
@@ -367,6 +384,14 @@ def test_self_guidance_matches_a_hand_written_two_pass_computation(tmp_path: Pat
     _check_self_guidance(tmp_path, patch, ema=ema)
 
 
+def _hand_route(recipe_seed: int, sample_seed: int, key: int, length: int, ratio: float) -> torch.Tensor:
+    """Sample ``key``'s self-guidance route written out: a uniformly random sorted subset of
+    N − round(p·N) tokens, drawn from a generator keyed by (run seed, purpose, noise seed, key)."""
+    keep = length - round(ratio * length)
+    scores = torch.rand(1, length, generator=generator_for(recipe_seed, "tread-self-guidance", sample_seed, key))
+    return torch.sort(torch.argsort(scores, dim=1, stable=True)[:, :keep], dim=1).values
+
+
 def _check_self_guidance(tmp_path: Path, patch: dict[str, Any], *, ema: bool) -> None:
     from prx_core.recipe import deep_merge
 
@@ -382,20 +407,21 @@ def _check_self_guidance(tmp_path: Path, patch: dict[str, Any], *, ema: bool) ->
     images = trainer.generate(prompts, steps, cfg=5.0, seed=seed, size=16)
     assert trainer.run.router._forced is None  # forced routing was on only around the routed passes
 
-    # By hand: Euler on the shifted grid with out = routed + s·(full − routed), real prompt in both.
+    # By hand: Euler on the shifted grid with out = routed + s·(full − routed), real prompt in both,
+    # sample i routed by its own key (its noise index i) with one route for every step.
     run = trainer.run
     objective = run.require("objective")
     states, mask = run.require("text_encoder").encode(prompts)
     x = torch.stack([torch.randn(3, 16, 16, generator=generator_for(seed, "sample", i)) for i in range(2)])
     grid = timestep_grid(steps, objective.shift)
+    idx = torch.cat([_hand_route(trainer.recipe.seed, seed, i, 16, 0.5) for i in range(2)])
+    assert not torch.equal(idx[0], idx[1])
     differs = False
     with torch.no_grad():
         for i in range(steps):
             t_B = torch.full((2,), float(grid[i]))
             ctx = ForwardContext(stash=Stash(), generator=None, training=False, extras=modules.extras)
             full = objective.velocity(denoise(modules.model, x, t_B, states, mask, ctx).float(), x, t_B)
-            # One route per pass, shared by the batch (so an image does not depend on its batch).
-            idx = choose_visible(1, 16, 0.5, guidance_generator(trainer.recipe.seed, float(t_B[0]))).expand(2, -1)
             hand = _HandRouter(idx)
             routed_out = denoise(modules.model, x, t_B, states, mask, ctx, router=hand)  # type: ignore[arg-type]
             routed = objective.velocity(routed_out.float(), x, t_B)
@@ -407,6 +433,69 @@ def _check_self_guidance(tmp_path: Path, patch: dict[str, Any], *, ema: bool) ->
     # The core's promise holds with self-guidance too: an image does not depend on its batch.
     alone = trainer.generate(prompts[1:], steps, cfg=5.0, seed=seed, size=16, noise_indices=[1])
     torch.testing.assert_close(alone[0], images[1], rtol=0, atol=1e-5)
+
+
+def _record_routes(monkeypatch: pytest.MonkeyPatch, router: TreadRouter) -> list[torch.Tensor]:
+    """Every route the router hands the span, in call order (the full passes route nothing)."""
+    routes: list[torch.Tensor] = []
+    original = router.enter
+
+    def enter(img: torch.Tensor, rope: torch.Tensor, ctx: ForwardContext) -> Any:
+        out = original(img, rope, ctx)
+        if out is not None:
+            routes.append(ctx.stash[ROUTE_PLAN].visible_idx_BK.clone())
+        return out
+
+    monkeypatch.setattr(router, "enter", enter)
+    return routes
+
+
+def test_self_guidance_keeps_one_route_per_sample_for_every_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps, seed = 4, 3
+    prompts = ["a red square", "a blue circle at the top", "a green triangle"]
+    keys = [5, 0, 9]  # noise indices: the samples' identities
+    trainer = _trainer(tmp_path, "per-sample", {"router": {"self_guidance": 2.0}})
+    run_steps(trainer, 1)
+    routes = _record_routes(monkeypatch, trainer.run.router)
+    images = trainer.generate(prompts, steps, cfg=5.0, seed=seed, size=16, noise_indices=keys)
+    assert len(routes) == steps  # one routed pass per Euler step
+    first = routes[0]
+    assert first.shape == (3, 8)
+    assert all(torch.equal(r, first) for r in routes)  # the same route at every step, for every sample
+    assert len({tuple(row) for row in first.tolist()}) == 3  # and each sample its own
+    for b, key in enumerate(keys):
+        assert torch.equal(first[b], _hand_route(trainer.recipe.seed, seed, key, 16, 0.5)[0])
+
+    # The same samples in another order and another batch: each keeps its route and its image.
+    routes.clear()
+    order = [2, 0]  # sample keys 9 and 5, now at positions 0 and 1 of a batch of two
+    shuffled = trainer.generate(
+        [prompts[i] for i in order], steps, cfg=5.0, seed=seed, size=16, noise_indices=[keys[i] for i in order]
+    )
+    assert len(routes) == steps and all(torch.equal(r, routes[0]) for r in routes)
+    for position, original_position in enumerate(order):
+        assert torch.equal(routes[0][position], first[original_position])
+        torch.testing.assert_close(shuffled[position], images[original_position], rtol=0, atol=1e-5)
+
+    # Another noise seed draws other routes for the same keys.
+    routes.clear()
+    trainer.generate(prompts, 1, cfg=5.0, seed=seed + 1, size=16, noise_indices=keys)
+    assert not torch.equal(routes[0], first)
+
+
+def test_unbound_self_guidance_refuses_to_guess_sample_keys(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, "unbound", {"router": {"self_guidance": 2.0}})
+    guidance = trainer.guidance()
+    assert isinstance(guidance, SelfGuidance)
+    x = torch.zeros(1, 3, 16, 16)
+    text = (torch.zeros(1, 2, 4), torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="for_samples"):
+        guidance(lambda *a: x, x, torch.ones(1), text, text)
+    bound = guidance.for_samples(0, [4])
+    with pytest.raises(ValueError, match="bound to 1 samples but the forward has 2"):
+        bound.route(2, 16)
 
 
 def test_guidance_hook_ignores_runs_with_another_or_no_router() -> None:

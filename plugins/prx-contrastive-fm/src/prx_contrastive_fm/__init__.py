@@ -6,7 +6,10 @@ of different samples from collapsing onto a shared average.
 
 The comparison happens in velocity space so the term works with any objective: the prediction
 goes through ``run.objective.velocity`` (the identity for ``flow_matching``, (x_t − x̂0)/max(t,
-0.05) for ``x_prediction``) and the rolled target is ε − x0 of the rolled (x0, ε) pairs.
+0.05) for ``x_prediction``), and the rolled target is the objective's own target velocity of the
+neighbour, as the reference rolls its target tensor (reference.md §8): ε − x0 for
+``flow_matching``, (x_t − x0)/max(t, t_clamp) with the neighbour's x_t and t for an objective that
+exposes a public ``t_clamp`` (``x_prediction``).
 
 Importing this module is torch-free; the maths is in :mod:`prx_contrastive_fm.loss`.
 """

@@ -47,9 +47,10 @@ class EMAConfig:
     decay: float = 0.999
     #: Update once every this many optimizer steps (when the completed-step count is a multiple).
     every: int = 10
-    #: The average starts from the weights after this many optimizer steps (0: the initial
-    #: weights); until then it simply copies the weights.
-    start_step: int = 0
+    #: The average starts from the weights after this many optimizer steps; until then it simply
+    #: copies them. 1 (the default): the weights after the first optimizer step, as the reference's
+    #: EMA does (reference.md §8). 0: the initial weights, as timm's ModelEmaV2 does.
+    start_step: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.decay <= 1.0:
@@ -94,9 +95,10 @@ def prx_configure(run: RunContext) -> None:
 
 @hookimpl
 def prx_before_training(run: RunContext) -> None:
-    # The trainable modules (extras included) are complete and no optimizer step has run, so the
-    # average starts from the initial weights, like timm's and composer's EMA. On resume the
-    # checkpoint's average overwrites this copy right after (core's _load).
+    # The trainable modules (extras included) are complete and no optimizer step has run: the copy
+    # made here holds the initial weights (where the average starts when start_step = 0; otherwise
+    # step start_step replaces them by the trained ones). On resume the checkpoint's average
+    # overwrites it right after (core's _load).
     _state(run).ensure(run.require("trainable"))
 
 

@@ -138,7 +138,13 @@ class EmaState:
         return self.modules
 
     def after_optimizer_step(self, live: torch.nn.Module, step: int) -> None:
-        """``step`` optimizer steps are complete: copy until ``start_step``, then average every ``every``."""
+        """``step`` optimizer steps are complete: copy until ``start_step``, then average every ``every``.
+
+        With ``start_step = 1`` the average is the weights after step 1, then moves at steps
+        ``every``, 2·``every``, …: the reference's EMA (composer's, with ``ema_start = 0ba``),
+        which copies the weights at the end of the first batch and averages at multiples of the
+        interval.
+        """
         ema = self.ensure(live)
         if step <= self.start_step:
             ema_copy_(ema, live)

@@ -14,7 +14,9 @@ plan covers the layer. The attention projector works on any subset of tokens.
 
 Importing this module is torch-free. The teacher is loaded in :func:`prx_configure` through
 :mod:`prx_core.vision`, kept in ``run.plugin_state``, never returned from ``prx_build_modules``
-and never saved in checkpoints (reference.md §7.9). The projector is ``run.trainable.extras["irepa"]``.
+and never saved in checkpoints (reference.md §7.9). The projector is ``run.trainable.extras["irepa"]``;
+by default its weights are stored in the precision policy's compute dtype (bf16 under
+``bf16_mixed``), as the reference keeps its iREPA projectors in bf16 (reference.md §8).
 """
 
 from __future__ import annotations
@@ -62,6 +64,11 @@ class IrepaConfig:
     projector_dim: int = 1024
     #: Attention heads of the attention projector; must divide ``projector_dim``.
     projector_heads: int = 8
+    #: Where the projector's weights are stored. ``compute``: the policy's compute dtype
+    #: (``precision.frozen_dtype``: bf16 under ``bf16_mixed``, fp32 under ``fp32``), as the
+    #: reference stores its projectors in bf16 under bf16 autocast (reference.md §8); declared to
+    #: the precision guard and logged. ``param``: ``precision.param_dtype``, like every other weight.
+    projector_dtype: Literal["compute", "param"] = "compute"
     #: Extra ``timm.create_model`` arguments (``embed_dim``, ``depth``, ``num_heads``…). Only for
     #: tests and toy-scale ablations with a tiny teacher from a local ``weights`` file.
     encoder_overrides: dict[str, int] = field(default_factory=dict)
@@ -81,6 +88,8 @@ class IrepaConfig:
             )
         if not self.encoder.strip():
             raise ValueError("encoder must name a teacher (e.g. 'dinov2_vitl14_reg' or 'dinov3_vitl16')")
+        if self.projector_dtype not in ("compute", "param"):
+            raise ValueError(f"projector_dtype must be 'compute' or 'param', got {self.projector_dtype!r}")
 
 
 INFO = PluginInfo(
@@ -148,6 +157,13 @@ def prx_build_modules(run: RunContext) -> dict[str, torch.nn.Module]:
         config.projector_heads,
         precomputed_width(run) or loaded_teacher(run).embed_dim,
     )
+    if config.projector_dtype == "compute":
+        run.store_weights_in(
+            projector,
+            run.require("precision").frozen_dtype,
+            owner=INFO.name,
+            reason="projector_dtype = 'compute': the reference keeps the iREPA projector in bf16",
+        )
     return {INFO.name: projector}
 
 
@@ -157,12 +173,12 @@ def prx_precompute_features(run: RunContext, images_BCHW: torch.Tensor) -> dict[
     import torch
 
     from prx_core.vision import image_token_grid
-    from prx_irepa.alignment import feature_key, spatial_normalise
+    from prx_irepa.alignment import TEACHER_RESIZE, feature_key, spatial_normalise
 
     config: IrepaConfig = run.plugin_config(INFO.name)
     grid_hw = image_token_grid(run, images_BCHW, "irepa")
     with torch.no_grad():
-        targets_BNE = spatial_normalise(loaded_teacher(run).patch_tokens(images_BCHW, grid_hw))
+        targets_BNE = spatial_normalise(loaded_teacher(run).patch_tokens(images_BCHW, grid_hw, resize=TEACHER_RESIZE))
     return {feature_key(config.encoder, grid_hw): targets_BNE}
 
 

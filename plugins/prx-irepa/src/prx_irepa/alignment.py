@@ -18,7 +18,11 @@ from prx_core.vision import (
 
 if TYPE_CHECKING:
     from prx_core.keys import RoutePlan
-    from prx_core.vision import FrozenEncoder
+    from prx_core.vision import FrozenEncoder, ResizeMode
+
+#: How the teacher's input is resized to the denoiser's token grid: nearest neighbour by scale
+#: factor, exactly as the reference's iREPA (and REPA) does (reference.md §8).
+TEACHER_RESIZE: ResizeMode = "nearest"
 
 #: Keeps the division finite for a channel that is constant over the image.
 SPATIAL_NORM_EPS = 1e-6
@@ -108,7 +112,7 @@ def irepa_targets(
     visible ones, so routing does not change what a given target token is.
     """
     with torch.no_grad():
-        targets_BNE = spatial_normalise(teacher.patch_tokens(images_BCHW, grid_hw))
+        targets_BNE = spatial_normalise(teacher.patch_tokens(images_BCHW, grid_hw, resize=TEACHER_RESIZE))
         return visible_targets(targets_BNE, plan, layer)
 
 
@@ -149,4 +153,7 @@ def irepa_loss(
             f"irepa: block {layer} has tokens of shape {tuple(tokens_BKH.shape)} but the teacher gives targets "
             f"of shape {tuple(targets_BKE.shape)}; the token grid or the route plan does not match"
         )
-    return -mean_cosine_similarity(projector(tokens_BKH, grid_hw), targets_BKE)
+    # Fed in the projector's storage dtype (``projector_dtype``): a no-op under autocast, and what
+    # lets a projector stored in another dtype than the blocks take their tokens without it.
+    weight_dtype = next(projector.parameters()).dtype
+    return -mean_cosine_similarity(projector(tokens_BKH.to(weight_dtype), grid_hw), targets_BKE)

@@ -37,8 +37,9 @@ class LPIPSConfig:
 
     #: Weight of the term in the total loss (reference.md §4: 0.1).
     weight: float = 0.1
-    #: Scale factor applied (bilinear, antialiased) to both images before the VGG; 0.5 turns
-    #: 1024 px into 512 px. 1.0 leaves them unchanged. The result must be >= 16 px per side.
+    #: Scale factor applied to both images before the VGG (bilinear, no antialiasing, as the
+    #: reference: reference.md §8); 0.5 turns 1024 px into 512 px, each output pixel the mean of a
+    #: 2×2 block. 1.0 leaves them unchanged. The result, floor(side × resize), must be >= 16 px.
     resize: float = 0.5
     #: Only samples with t < t_max (t = 1 is pure noise) contribute; None: every sample.
     t_max: float | None = None
@@ -76,12 +77,12 @@ class _State:
 
 def _min_side_check(run: RunContext, config: LPIPSConfig) -> None:
     """Fail at setup, not at the first step, when the resized images are too small for VGG16."""
-    from prx_lpips.network import MIN_SIDE
+    from prx_lpips.network import MIN_SIDE, resized_side
 
     size = getattr(run.recipe.slot_config("data"), "size", None)
-    if isinstance(size, int) and round(size * config.resize) < MIN_SIDE:
+    if isinstance(size, int) and resized_side(size, config.resize) < MIN_SIDE:
         raise RecipeError(
-            f"plugins.lpips: data.size {size} × resize {config.resize} = {round(size * config.resize)} px, but "
+            f"plugins.lpips: data.size {size} × resize {config.resize} = {resized_side(size, config.resize)} px, but "
             f"LPIPS-VGG needs at least {MIN_SIDE} px per side (four max-pools before relu5_3); raise "
             "plugins.lpips.resize or the image size"
         )
@@ -93,14 +94,16 @@ def _state(run: RunContext) -> _State:
     def load() -> _State:
         import torch
 
+        from prx_core.towers import DATA_DTYPE
         from prx_lpips.weights import load_lpips_vgg
 
         config: LPIPSConfig = run.plugin_config(INFO.name)
         precision = run.require("precision")
         net = load_lpips_vgg(config.vgg_weights, config.lin_weights, device=run.device, dtype=precision.frozen_dtype)
-        # The head subtracts nearly equal unit vectors; compute it in the more precise of the two
-        # policy dtypes (fp32 under both built-in policies).
-        return _State(net=net, head_dtype=torch.promote_types(precision.frozen_dtype, precision.param_dtype))
+        # The head subtracts nearly equal unit vectors, so it runs in the step's data dtype (fp32)
+        # or the trunk's if wider: never in param_dtype, so that bf16_weights changes weight
+        # storage only, not the loss maths.
+        return _State(net=net, head_dtype=torch.promote_types(precision.frozen_dtype, DATA_DTYPE))
 
     return run.plugin_state(INFO.name, load)
 

@@ -9,9 +9,13 @@ match torchvision's, so a torchvision VGG16 state dict (``features.<i>.weight``)
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from prx_core.towers import DATA_DTYPE
 
 #: torchvision's VGG16 configuration "D": conv widths, "M" is a 2×2 max-pool.
 VGG16_CFG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -63,16 +67,24 @@ def stage_distance(feats_a_BCHW: torch.Tensor, feats_b_BCHW: torch.Tensor, lin_C
     return (diff_BCHW * lin_C[None, :, None, None]).sum(dim=1).mean(dim=(1, 2))
 
 
-def resize_images(images_BCHW: torch.Tensor, factor: float) -> torch.Tensor:
-    """Bilinear resize by ``factor`` with antialiasing (so ×0.5 averages rather than aliases).
+def resized_side(side: int, factor: float) -> int:
+    """The side :func:`resize_images` produces: ``floor(side × factor)``, as ``F.interpolate`` does."""
+    return math.floor(side * factor)
 
-    The new side is ``round(side × factor)``; ``factor == 1`` returns the input unchanged.
+
+def resize_images(images_BCHW: torch.Tensor, factor: float) -> torch.Tensor:
+    """Bilinear resize by the scale factor ``factor``, without antialiasing (reference.md §8).
+
+    Exactly the reference's ``F.interpolate(x, scale_factor=factor, mode="bilinear",
+    align_corners=False)``: the new side is ``floor(side × factor)`` and output pixel i samples
+    input position (i + ½)/factor − ½, so ×0.5 is the mean of each 2×2 block. Computed in at least
+    fp32 (:data:`~prx_core.towers.DATA_DTYPE`) whatever dtype x̂0 comes in; the cast is
+    differentiable. ``factor == 1`` returns the input unchanged.
     """
     if factor == 1.0:
         return images_BCHW
-    height, width = images_BCHW.shape[-2:]
-    size = (max(1, round(height * factor)), max(1, round(width * factor)))
-    return F.interpolate(images_BCHW, size=size, mode="bilinear", align_corners=False, antialias=True)
+    work_BCHW = images_BCHW.to(torch.promote_types(images_BCHW.dtype, DATA_DTYPE))
+    return F.interpolate(work_BCHW, scale_factor=factor, mode="bilinear", align_corners=False)
 
 
 class LPIPSVGG(nn.Module):

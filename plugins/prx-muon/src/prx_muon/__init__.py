@@ -47,7 +47,9 @@ class MuonConfig:
     #: Learning rate of the AdamW group; unset: ``lr`` (reference.md §4: 1e-4 for both groups).
     adamw_lr: float | None = None
     adamw_betas: tuple[float, float] = (0.9, 0.95)
-    adamw_eps: float = 1e-15
+    #: The reference's Muon configuration gives its Adam group eps 1e-8 (reference.md §8), not the
+    #: AdamW baseline's 1e-15; with it this group's update is bitwise the reference's.
+    adamw_eps: float = 1e-8
     adamw_weight_decay: float = 0.0
     #: fnmatch patterns over ``run.trainable`` parameter names; matching 2-D weights use Muon.
     muon_patterns: tuple[str, ...] = ("model.blocks.*",)

@@ -91,7 +91,7 @@ class MuonAdamW(Optimizer):
         weight_decay: float = 0.0,
         adamw_lr: float | None = None,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
-        adamw_eps: float = 1e-15,
+        adamw_eps: float = 1e-8,
         adamw_weight_decay: float = 0.0,
         state_dtype: torch.dtype | None = None,
         ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS,

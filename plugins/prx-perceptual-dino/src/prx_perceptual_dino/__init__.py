@@ -92,12 +92,13 @@ def prx_loss_terms(step: StepContext) -> list[LossTerm]:
     run = step.run
     config: PerceptualDinoConfig = run.plugin_config(INFO.name)
     latent = run.require("latent_space")
-    # The latent space's decode maps pixel latents in [−1, 1] back to images in [0, 1]; the
-    # pixel space clamps there, so out-of-range pixels are left to the objective's own loss.
+    # The pixel latent space's decode, ((x + 1) / 2).clamp(0, 1), works pixel by pixel, so it may
+    # run after the resize: resize, then clamp, the reference's order (reference.md §8).
     value = perceptual_dino_loss(
         loaded_encoder(run),
-        latent.decode(step.stash[X0_PREDICTION]),
-        latent.decode(step.x0_BCHW),
+        latent.decode,
+        step.stash[X0_PREDICTION],
+        step.x0_BCHW,
         config.resolution,
     )
     return [LossTerm(INFO.name, config.weight, value)]

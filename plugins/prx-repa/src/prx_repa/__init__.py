@@ -9,13 +9,15 @@ Importing this module is torch-free (``prx-run plugins`` and recipe checks impor
 is loaded in :func:`prx_configure` through :mod:`prx_core.vision`, kept in ``run.plugin_state``, never
 returned from ``prx_build_modules`` and never saved in checkpoints (reference.md §7.9): a resumed run
 reloads it from its weights. The projector is a trainable module (``run.trainable.extras["repa"]``),
-so it is optimised, checkpointed and EMA-averaged with the model.
+so it is optimised, checkpointed and EMA-averaged with the model. By default its weights are stored
+in the precision policy's compute dtype (bf16 under ``bf16_mixed``), as the reference keeps its
+projector in bf16 (reference.md §8); ``projector_dtype = "param"`` stores them like every other weight.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from prx_core import hookimpl
 from prx_core.config import RecipeError
@@ -54,6 +56,11 @@ class RepaConfig:
     #: Width of the projector's two hidden layers (reference.md §4: 1024). Its output width is always the
     #: encoder's embedding width (1024 for the ViT-L teachers).
     projector_dim: int = 1024
+    #: Where the projector's weights are stored. ``compute``: the policy's compute dtype
+    #: (``precision.frozen_dtype``: bf16 under ``bf16_mixed``, fp32 under ``fp32``), as the
+    #: reference stores its projector in bf16 under bf16 autocast (reference.md §8); declared to
+    #: the precision guard and logged. ``param``: ``precision.param_dtype``, like every other weight.
+    projector_dtype: Literal["compute", "param"] = "compute"
     #: Extra ``timm.create_model`` arguments (``embed_dim``, ``depth``, ``num_heads``…). Only for
     #: tests and toy-scale ablations that use a tiny teacher of the same family from a local
     #: ``weights`` file; leave empty with real pretrained weights.
@@ -68,6 +75,8 @@ class RepaConfig:
             raise ValueError(f"projector_dim must be >= 1, got {self.projector_dim}")
         if not self.encoder.strip():
             raise ValueError("encoder must name a teacher (e.g. 'dinov2_vitl14_reg' or 'dinov3_vitl16')")
+        if self.projector_dtype not in ("compute", "param"):
+            raise ValueError(f"projector_dtype must be 'compute' or 'param', got {self.projector_dtype!r}")
 
 
 INFO = PluginInfo(
@@ -113,6 +122,13 @@ def prx_build_modules(run: RunContext) -> dict[str, torch.nn.Module]:
     width = precomputed_width(run) or loaded_teacher(run).embed_dim
     # Plain init: core seeds the global generator from (recipe seed, plugin name) around this hook.
     projector = build_projector(run.recipe.model.hidden_size, config.projector_dim, width)
+    if config.projector_dtype == "compute":
+        run.store_weights_in(
+            projector,
+            run.require("precision").frozen_dtype,
+            owner=INFO.name,
+            reason="projector_dtype = 'compute': the reference keeps the REPA projector in bf16",
+        )
     return {INFO.name: projector}
 
 
@@ -122,12 +138,12 @@ def prx_precompute_features(run: RunContext, images_BCHW: torch.Tensor) -> dict[
     import torch
 
     from prx_core.vision import image_token_grid
-    from prx_repa.alignment import feature_key
+    from prx_repa.alignment import TEACHER_RESIZE, feature_key
 
     config: RepaConfig = run.plugin_config(INFO.name)
     grid_hw = image_token_grid(run, images_BCHW, "repa")
     with torch.no_grad():
-        tokens_BNE = loaded_teacher(run).patch_tokens(images_BCHW, grid_hw)
+        tokens_BNE = loaded_teacher(run).patch_tokens(images_BCHW, grid_hw, resize=TEACHER_RESIZE)
     return {feature_key(config.encoder, grid_hw): tokens_BNE}
 
 

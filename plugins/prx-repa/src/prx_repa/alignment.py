@@ -17,7 +17,11 @@ from prx_core.vision import (
 
 if TYPE_CHECKING:
     from prx_core.keys import RoutePlan
-    from prx_core.vision import FrozenEncoder
+    from prx_core.vision import FrozenEncoder, ResizeMode
+
+#: How the teacher's input is resized to the denoiser's token grid: nearest neighbour by scale
+#: factor, exactly as the reference does (reference.md §8).
+TEACHER_RESIZE: ResizeMode = "nearest"
 
 
 def build_projector(hidden_size: int, projector_dim: int, embed_dim: int) -> torch.nn.Module:
@@ -44,12 +48,12 @@ def repa_targets(
 ) -> torch.Tensor:
     """Teacher patch tokens of the clean images on the denoiser's token grid, [B, K, E].
 
-    The images are resized so the teacher's patch grid equals the denoiser's (reference.md §4). When a
-    token router routes block ``layer``, only the visible tokens are kept, in the router's order.
-    No gradient: the teacher is a fixed target.
+    The images are resized (:data:`TEACHER_RESIZE`) so the teacher's patch grid equals the
+    denoiser's (reference.md §4). When a token router routes block ``layer``, only the visible
+    tokens are kept, in the router's order. No gradient: the teacher is a fixed target.
     """
     with torch.no_grad():
-        targets_BNE = teacher.patch_tokens(images_BCHW, grid_hw)
+        targets_BNE = teacher.patch_tokens(images_BCHW, grid_hw, resize=TEACHER_RESIZE)
         return visible_targets(targets_BNE, plan, layer)
 
 
@@ -85,4 +89,15 @@ def repa_loss(
             f"repa: block {layer} has tokens of shape {tuple(tokens_BKH.shape)} but the teacher gives targets "
             f"of shape {tuple(targets_BKE.shape)}; the token grid or the route plan does not match"
         )
-    return -mean_cosine_similarity(projector(tokens_BKH), targets_BKE)
+    return -mean_cosine_similarity(project(projector, tokens_BKH), targets_BKE)
+
+
+def project(projector: torch.nn.Module, tokens_BKH: torch.Tensor) -> torch.Tensor:
+    """The projected tokens, fed in the projector's storage dtype.
+
+    Under autocast the cast changes nothing (the linear layers run in the autocast dtype anyway);
+    without autocast it lets a projector stored in another dtype than the blocks (``projector_dtype``)
+    take their tokens.
+    """
+    weight_dtype = next(projector.parameters()).dtype
+    return projector(tokens_BKH.to(weight_dtype))

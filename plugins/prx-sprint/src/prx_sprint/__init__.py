@@ -6,11 +6,13 @@ tokens through unchanged it rebuilds the full sequence after ``end`` as
 
     out = fuse([dense ; sparse filled with a learnable mask token at routed positions])
 
-where ``dense`` is the input of block ``start`` and ``fuse`` a Linear 2H → H. The fusion module
-(the Linear and the mask token) is built through ``prx_build_modules``, so it is optimised,
-EMA-averaged and checkpointed with the model, and the block loop takes it from ``ctx.extras``,
-so sampling with EMA weights uses the EMA fusion (reference.md §7.8). The fusion also runs at evaluation,
-where nothing is routed (p = 0).
+where ``dense`` is the input of block ``start`` and ``fuse`` a Linear 2H → H with a bias, at
+PyTorch's default initialisation like the public code (reference.md §8); ``fusion_init =
+"identity"`` starts it as the span output instead. The fusion module (the Linear and the mask
+token) is built through ``prx_build_modules``, so it is optimised, EMA-averaged and checkpointed
+with the model, and the block loop takes it from ``ctx.extras``, so sampling with EMA weights uses
+the EMA fusion (reference.md §7.8). The fusion also runs at evaluation, where nothing is routed
+(p = 0).
 
 Importing this module is torch-free; the router is in :mod:`prx_sprint.router`, the fusion in
 :mod:`prx_sprint.fusion`.
@@ -19,7 +21,7 @@ Importing this module is torch-free; the router is in :mod:`prx_sprint.router`, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from prx_core import hookimpl
 from prx_core.hookspecs import PluginInfo
@@ -49,10 +51,15 @@ class SprintConfig:
     start: int = 2
     #: Last routed block, inclusive (0-based; must be < model.depth). reference.md §4: 12 (of 16).
     end: int = 12
-    #: p, the fraction of each sample's image tokens that skips the span; ⌈(1 − p)·N⌉ stay.
+    #: p, the fraction of each sample's image tokens that skips the span: round(p·N) of N tokens
+    #: (Python's round, halves to even; at least 1 when p > 0) skip it, the rest stay.
     ratio: float = 0.75
     #: Route only in training forwards; evaluation runs every token and still fuses.
     train_only: bool = True
+    #: How the fusion Linear starts. "pytorch": nn.Linear's default init, weight and bias (the
+    #: public code's, reference.md §8). "identity": weight [0 | I] and zero bias, so without routing
+    #: the fused output is the span output and a pretrained PRX fine-tunes with SPRINT without a jump.
+    fusion_init: Literal["pytorch", "identity"] = "pytorch"
 
     def __post_init__(self) -> None:
         if self.start < 0:
@@ -61,6 +68,8 @@ class SprintConfig:
             raise ValueError(f"start ({self.start}) must be <= end ({self.end}); the span start..end is inclusive")
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ratio must be in [0, 1) (the fraction of tokens routed), got {self.ratio}")
+        if self.fusion_init not in ("pytorch", "identity"):
+            raise ValueError(f"fusion_init must be 'pytorch' or 'identity', got {self.fusion_init!r}")
 
 
 def _build(config: SprintConfig, run: Any) -> SprintRouter:
@@ -86,6 +95,9 @@ def prx_build_modules(run: RunContext) -> dict[str, torch.nn.Module] | None:
 
     if not isinstance(router, SprintRouter):
         return None
-    # Deterministic initialisation (no random draw), so the global RNG and plugin order play no part.
-    fusion = SprintFusion(run.recipe.model.hidden_size, dtype=run.require("precision").param_dtype)
+    # The default init draws from the global generator, which the core seeds from (recipe seed,
+    # plugin name) around this hook: reproducible, and independent of plugin order.
+    fusion = SprintFusion(
+        run.recipe.model.hidden_size, init=router.fusion_init, dtype=run.require("precision").param_dtype
+    )
     return {MODULE_NAME: fusion}

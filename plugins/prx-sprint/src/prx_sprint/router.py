@@ -1,10 +1,11 @@
 """The ``sprint`` router object.
 
 ``enter`` (before block ``start``) keeps the dense input and, in training, hands the span a random
-⌈(1 − p)·N⌉ of the tokens; ``exit`` (after block ``end``) fuses the dense input with the span
-output through the :class:`~prx_sprint.fusion.SprintFusion` module of the weights being run,
-taken from ``ctx.extras`` — the trained module in a training step, the EMA copy when sampling
-with EMA (the reference forgot the fusion on the EMA copy, reference.md §7.8).
+N − round(p·N) of the tokens (:func:`prx_core.routing.visible_count`); ``exit`` (after block
+``end``) fuses the dense input with the span output through the
+:class:`~prx_sprint.fusion.SprintFusion` module of the weights being run, taken from
+``ctx.extras`` — the trained module in a training step, the EMA copy when sampling with EMA (the
+reference forgot the fusion on the EMA copy, reference.md §7.8).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class SprintRouter:
         self.end = config.end
         self.ratio = config.ratio
         self.train_only = config.train_only
+        #: How ``prx_build_modules`` initialises the fusion (see :class:`~prx_sprint.fusion.SprintFusion`).
+        self.fusion_init = config.fusion_init
         self.seed = seed
 
     def _generator(self, ctx: ForwardContext) -> torch.Generator | None:

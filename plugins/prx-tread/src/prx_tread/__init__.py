@@ -10,7 +10,10 @@ gradient accumulation, activation-checkpoint recomputation (which replays blocks
 router) and a resumed run all see the same routes, while steps and ranks differ.
 
 Optional **self-guidance** replaces classifier-free guidance at sampling:
-out = routed + s·(full − routed), both passes with the real prompt.
+out = routed + s·(full − routed), both passes with the real prompt. Each sample keeps one route,
+keyed on its noise index, for every denoising step. The public code evaluates its TREAD runs this
+way at s = 3.5 (reference.md §8); the default here is 0 (classifier-free guidance), and the study's
+TREAD recipes set it.
 
 Importing this module is torch-free (``prx-run plugins``/``check`` import it); the router lives
 in :mod:`prx_tread.router` and is imported by the factory.
@@ -48,12 +51,14 @@ class TreadConfig:
     start: int = 2
     #: Last routed block, inclusive (0-based; must be < model.depth). reference.md §4: 12 (of 16).
     end: int = 12
-    #: p, the fraction of each sample's image tokens that skips the span; ⌈(1 − p)·N⌉ stay.
+    #: p, the fraction of each sample's image tokens that skips the span: round(p·N) of N tokens
+    #: (Python's round, halves to even; at least 1 when p > 0) skip it, the rest stay.
     ratio: float = 0.5
     #: Route only in training forwards. With false, sampling routes too (rarely wanted).
     train_only: bool = True
-    #: s > 0 replaces classifier-free guidance at sampling with out = routed + s·(full − routed);
-    #: 0 keeps CFG (``sampling.cfg``).
+    #: s > 0 replaces classifier-free guidance at sampling with out = routed + s·(full − routed),
+    #: each sample routed the same way at every step; 0 keeps CFG (``sampling.cfg``/``eval.cfg``).
+    #: The public code's TREAD runs evaluate with s = 3.5 (reference.md §8).
     self_guidance: float = 0.0
 
     def __post_init__(self) -> None:
@@ -74,7 +79,8 @@ def _build(config: TreadConfig, run: Any) -> TreadRouter:
     check_span(config.start, config.end, run.recipe.model.depth)
     if config.self_guidance > 0:
         run.logger.info(
-            "tread: self-guidance s = %s replaces classifier-free guidance at sampling (sampling.cfg is not used)",
+            "tread: self-guidance s = %s replaces classifier-free guidance at sampling "
+            "(sampling.cfg and eval.cfg are not used)",
             config.self_guidance,
         )
     return TreadRouter(config, seed=run.recipe.seed)

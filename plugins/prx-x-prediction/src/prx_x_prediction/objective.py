@@ -43,6 +43,10 @@ class XPrediction:
         self.config = config
         self.caption_dropout = config.caption_dropout
         self.shift = config.shift
+        #: Public: the lower bound on t in v = (x_t − x)/max(t, t_clamp). Loss terms that work in
+        #: velocity space (contrastive flow matching) read it to form this objective's target
+        #: velocity (x_t − x0)/max(t, t_clamp) for other samples, without importing this plugin.
+        self.t_clamp = config.t_clamp
 
     def sample_timesteps(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         # Same draw as core's flow_matching, so an x- vs v-prediction ablation sees the same t.
@@ -53,10 +57,10 @@ class XPrediction:
         # The raw output is x̂0: publish it unchanged so perceptual losses (LPIPS, P-DINO) get
         # gradients straight into the network output.
         step.stash[X0_PREDICTION] = prediction_BCHW
-        clamp = self.config.t_clamp
+        clamp = self.t_clamp
         v_pred_BCHW = velocity_from_x0(step.x_t_BCHW, prediction_BCHW, step.t_B, clamp)
         v_target_BCHW = velocity_from_x0(step.x_t_BCHW, step.x0_BCHW, step.t_B, clamp)
         return per_sample_mse(v_pred_BCHW, v_target_BCHW)
 
     def velocity(self, prediction_BCHW: torch.Tensor, x_t_BCHW: torch.Tensor, t_B: torch.Tensor) -> torch.Tensor:
-        return velocity_from_x0(x_t_BCHW, prediction_BCHW, t_B, self.config.t_clamp)
+        return velocity_from_x0(x_t_BCHW, prediction_BCHW, t_B, self.t_clamp)
