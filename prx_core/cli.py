@@ -2,7 +2,8 @@
 
     prx-run RECIPE [--set KEY=VALUE ...] [--run-dir DIR] [--resume auto|PATH] [--allow-drift]
     prx-run check PATH [PATH ...] [--set KEY=VALUE ...]
-    prx-run plugins
+    prx-run plugins [-v | --json] [--hook HOOK]
+    prx-run new-plugin NAME --kind KIND [--dir DIR]
     prx-run sample RUN_DIR --prompt TEXT [--prompt TEXT ...] [--steps N --cfg S --seed N --size PX]
     prx-run eval RUN_DIR [--checkpoint PATH] [--repeat K]
     prx-run export RUN_DIR OUT [--checkpoint PATH] [--weights sampling|trained]
@@ -18,6 +19,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prx_core.config import RecipeError
@@ -25,13 +27,14 @@ from prx_core.config import RecipeError
 if TYPE_CHECKING:  # torch-free import of the CLI: the trainer is imported where it is used
     from prx_core.trainer import Trainer
 
-COMMANDS = ("check", "plugins", "sample", "eval", "export")
-
 
 def _train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prx-run",
-        description="Train a recipe. Other commands: 'prx-run check PATH...', 'prx-run plugins'.",
+        usage="prx-run RECIPE [options]  |  prx-run COMMAND [args]  (prx-run COMMAND --help for its options)",
+        description="Train a recipe (the default command), or run one of the commands below.",
+        epilog=commands_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("recipe", type=Path, help="recipe TOML file")
     parser.add_argument(
@@ -73,9 +76,65 @@ def _setup_logging(quiet: bool) -> None:
     root.propagate = False
 
 
-def cmd_plugins() -> int:
+def plugins_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prx-run plugins", description="List core and installed plugins.")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="per plugin: summary, distribution and version, slot entries, hooks, requires and conflicts, settings",
+    )
+    parser.add_argument("--json", action="store_true", help="the -v listing as JSON")
+    parser.add_argument("--hook", metavar="HOOK", help="only plugins implementing this hook (e.g. prx_loss_terms)")
+    return parser
+
+
+def _print_plugin_reports(reports: list[Any]) -> None:
+    for report in reports:
+        where = "core, always active" if report.kind == "core" else "active when a recipe names it"
+        print(f"{report.name}  {report.distribution} {report.version}  ({report.module}; {where})")
+        if report.error:
+            print(f"    cannot be loaded: {report.error}")
+            continue
+        rows = [
+            ("summary", report.summary),
+            ("spec", report.spec),
+            ("paper", report.paper),
+            ("entries", ", ".join(report.entries)),
+            ("hooks", ", ".join(report.hooks)),
+            ("requires", ", ".join(report.requires)),
+            ("conflicts", ", ".join(report.conflicts)),
+            ("settings", ", ".join(f"{k} = {v!r}" for k, v in report.config.items())),
+        ]
+        for label, value in rows:
+            if value:
+                print(f"    {label + ':':<10} {value}")
+
+
+def _entry_hooks(report: Any) -> set[str]:
+    """The registry hooks behind a plugin's slot entries (``--hook prx_register_optimizers``)."""
+    from prx_core.registry import SLOTS
+
+    return {SLOTS[entry.split(":")[0]] for entry in report.entries}
+
+
+def cmd_plugins(argv: list[str] | None = None) -> int:
     from prx_core import __version__
     from prx_core.plugins import activate, installed_plugins
+
+    args = plugins_parser().parse_args(argv or [])
+    if args.verbose or args.json or args.hook:
+        import json
+
+        from prx_core.plugin_report import plugin_reports
+
+        reports = [r for r in plugin_reports() if not args.hook or args.hook in r.hooks or args.hook in _entry_hooks(r)]
+        if args.json:
+            print(json.dumps({"prx_core": __version__, "plugins": [r.as_dict() for r in reports]}, indent=2))
+        else:
+            print(f"prx-core {__version__}\n")
+            _print_plugin_reports(reports)
+        return 0
 
     print(f"prx-core {__version__}")
     print("\ncore plugins (always active):")
@@ -417,20 +476,40 @@ def _write_pipeline(trainer: Trainer, model: Any, out: Path) -> str | None:
     return None
 
 
-#: ``prx-run <command>`` → module in :mod:`prx_core.commands` with ``main(argv) -> int``.
-EXTERNAL_COMMANDS = {"precompute": "precompute", "ablate": "ablate", "report": "report"}
+#: Every ``prx-run <command>``: name -> (one-line summary for ``prx-run --help``, handler). The
+#: handler is a function of this module or the name of a module in :mod:`prx_core.commands` with
+#: ``main(argv) -> int``, imported only when its command is typed (so ``check`` stays torch-free).
+#: Dispatch and ``--help`` both read this table: a new command is one row here, nothing else.
+COMMAND_TABLE: dict[str, tuple[str, Callable[[list[str]], int] | str]] = {
+    "check": ("validate recipes (files or folders) without building a model", cmd_check),
+    "plugins": ("list core and installed plugins (-v: entries, hooks, settings)", cmd_plugins),
+    "sample": ("generate images from a trained run's checkpoint", cmd_sample),
+    "eval": ("compute the recipe's evaluation on a checkpoint (--repeat K: its spread)", cmd_eval),
+    "export": ("write a run's denoiser as a diffusers folder (and a PRXPipeline when possible)", cmd_export),
+    "precompute": ("encode a recipe's data into latent/caption shards to train from", "precompute"),
+    "ablate": ("train several recipes over several seeds, resuming what is left", "ablate"),
+    "report": ("compare runs grouped by recipe: tables, plots, differences with intervals", "report"),
+    "new-plugin": ("write a plugin package skeleton that installs and passes its tests", "new_plugin"),
+}
+#: ``prx-run <command>`` → module in :mod:`prx_core.commands` (the table's rows with a module name).
+EXTERNAL_COMMANDS = {name: handler for name, (_, handler) in COMMAND_TABLE.items() if isinstance(handler, str)}
+
+
+def commands_help() -> str:
+    """The command list of ``prx-run --help``, one line per row of :data:`COMMAND_TABLE`."""
+    rows = [("RECIPE", "train a recipe (the default; see the options above)")]
+    rows += [(name, summary) for name, (summary, _) in COMMAND_TABLE.items()]
+    width = max(len(name) for name, _ in rows)
+    return "commands:\n" + "\n".join(f"  prx-run {name:<{width}}  {summary}" for name, summary in rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"check": cmd_check, "sample": cmd_sample, "eval": cmd_eval, "export": cmd_export}
-    if argv and argv[0] == "plugins":
-        return cmd_plugins()
-    if argv and argv[0] in commands:
-        return commands[argv[0]](argv[1:])
-    if argv and argv[0] in EXTERNAL_COMMANDS:
-        module = importlib.import_module(f"prx_core.commands.{EXTERNAL_COMMANDS[argv[0]]}")
-        return int(module.main(argv[1:]))
+    if argv and argv[0] in COMMAND_TABLE:
+        handler = COMMAND_TABLE[argv[0]][1]
+        if isinstance(handler, str):
+            handler = importlib.import_module(f"prx_core.commands.{handler}").main
+        return int(handler(argv[1:]))
     return cmd_train(argv)
 
 

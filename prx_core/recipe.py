@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prx_core.config import RecipeError, bind, suggest, to_table
+from prx_core.finetune import agree_with_init
 from prx_core.plugins import ActivePlugins, activate
 from prx_core.registry import SLOTS
 
@@ -53,8 +54,22 @@ class ModelConfig:
     time_max_period: int = 10000
     bottleneck_size: int | None = None
     resolution_embeds: bool = False
+    #: Fine-tuning (a fresh start only; prx_core/finetune.py): start from a diffusers
+    #: PRXTransformer2DModel folder or Hub id, or "run:RUN_DIR" (that run's newest checkpoint).
+    #: "": a random initialisation.
+    init: str = ""
+    #: Folder of the transformer inside ``init`` ("transformer" in a pipeline folder or repo).
+    subfolder: str = ""
+    #: Hub revision (branch, tag or commit) of ``init``; None: the default branch.
+    revision: str | None = None
+    #: With ``init = "run:..."``: start from that run's EMA weights instead of its trained ones.
+    init_ema: bool = False
 
     def __post_init__(self) -> None:
+        if not self.init and (self.subfolder or self.revision or self.init_ema):
+            raise ValueError("subfolder, revision and init_ema describe model.init, which is not set")
+        if self.init_ema and not self.init.startswith("run:"):
+            raise ValueError("init_ema needs init = 'run:RUN_DIR' (a diffusers folder holds one set of weights)")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if sum(self.axes_dim) != self.hidden_size // self.num_heads:
@@ -549,8 +564,11 @@ def _validate_single(raw: RawRecipe) -> Recipe:
         raise RecipeError(f"{raw.where('description')}: 'description' must be a string")
     reference = _reference(raw)
 
+    tables = {s: _table(raw, s) for s in CORE_SECTIONS}
+    # [model] init: the checkpoint's config fills the unset architecture keys and must match the set ones.
+    tables["model"] = agree_with_init(tables["model"], config_fields(ModelConfig), raw.where)
     sections: dict[str, Any] = {
-        s: bind(cls, _table(raw, s), prefix=s, where=raw.where) for s, cls in CORE_SECTIONS.items()
+        s: bind(cls, tables[s], prefix=s, where=raw.where) for s, cls in CORE_SECTIONS.items()
     }
 
     choices: dict[str, str] = {}

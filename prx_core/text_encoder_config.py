@@ -13,6 +13,13 @@ from typing import Any
 
 #: Tokens per prompt in the PRX baseline (reference.md §3).
 DEFAULT_MAX_LENGTH = 256
+#: A training batch's text is cut to its longest caption rounded up to this many tokens.
+DEFAULT_PAD_MULTIPLE = 64
+
+
+def check_pad_multiple(value: int) -> None:
+    if value < 0:
+        raise ValueError(f"pad_multiple must be >= 0 (0: always pad to max_length), got {value}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,8 +38,13 @@ class HubTextEncoderConfig:
     #: Width of the token states. A plain field, not read from the weights, because the core
     #: sizes the denoiser's ``context_in_dim`` from it before anything loads; checked on load.
     dim: int
+    #: Training cuts each batch's text to its longest caption rounded up to this many tokens (at
+    #: most ``max_length``): padding is masked, so the result is the same up to rounding, and
+    #: attention over 256 positions for 40-token captions is wasted work. 0: always ``max_length``.
+    pad_multiple: int = DEFAULT_PAD_MULTIPLE
 
     def __post_init__(self) -> None:
+        check_pad_multiple(self.pad_multiple)
         if not self.path:
             raise ValueError("path must name a hub id or a local directory, got an empty string")
         if self.max_length < 1:

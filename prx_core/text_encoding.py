@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from prx_core.transfer import to_device
+
 logger = logging.getLogger("prx.text")
 
 
@@ -61,14 +63,19 @@ class PaddedTextEncoder:
             )
         self.truncated_prompts += len(cut)
 
-    @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts to ``(states_BLD, mask_BL)`` with L == max_length; mask is bool, True = real token."""
+        states_BLD, mask_BL, _ = self.encode_with_lengths(prompts)
+        return states_BLD, mask_BL
+
+    @torch.no_grad()
+    def encode_with_lengths(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """:meth:`encode` plus each prompt's token count, known on the host from the tokenizer."""
         if isinstance(prompts, str):
             raise TypeError("encode takes a list of prompts, not a single string")
         if not prompts:
             states_0LD = torch.zeros(0, self.max_length, self.dim, dtype=self.model.dtype, device=self.device)
-            return states_0LD, torch.zeros(0, self.max_length, dtype=torch.bool, device=self.device)
+            return states_0LD, torch.zeros(0, self.max_length, dtype=torch.bool, device=self.device), []
         # Right padding whatever the tokenizer's default (Gemma's pads left): real tokens then keep
         # positions 0..n-1 as in an unpadded forward, whatever the amount of padding.
         batch = self.tokenizer(
@@ -84,10 +91,11 @@ class PaddedTextEncoder:
         full = [p for p, n in zip(prompts, lengths, strict=True) if n == self.max_length]
         if full:
             self._count_truncated(full)
-        ids_BL = batch["input_ids"].to(self.device)
-        mask_BL = batch["attention_mask"].to(self.device).bool()
+        # Ids and mask travel in one copy (pinned, non-blocking on CUDA), not one copy each.
+        ids_and_mask_2BL = to_device(torch.stack([batch["input_ids"], batch["attention_mask"]]), self.device)
+        ids_BL, mask_BL = ids_and_mask_2BL[0], ids_and_mask_2BL[1].bool()
         states_BLD = self.model(input_ids=ids_BL, attention_mask=mask_BL, **self.forward_kwargs).last_hidden_state
-        return states_BLD.masked_fill(~mask_BL[..., None], 0.0), mask_BL
+        return states_BLD.masked_fill(~mask_BL[..., None], 0.0), mask_BL, [int(n) for n in lengths]
 
     def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The encoding of ``""``, shapes (1, L, D) and (1, L); computed on first use, then cached.

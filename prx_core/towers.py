@@ -18,6 +18,8 @@ import torch
 from prx_core.config import RecipeError
 from prx_core.errors import TrainingError
 from prx_core.slots import EncodingsSource
+from prx_core.text_cache import padded_length, token_counts
+from prx_core.transfer import images_to_float, to_device
 
 if TYPE_CHECKING:
     from prx_core.context import RunContext
@@ -116,12 +118,20 @@ def build_tower(recipe: Recipe, run: RunContext, slot: str, lazy: bool) -> Any:
     return LazyTower(slot, lambda: build_slot(recipe, run, slot), known)
 
 
-def batch_encodings(
-    raw: RawBatch, run: RunContext, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(x0_BCHW, text_BLD, mask_BL)`` of a batch, x0 and text in :data:`DATA_DTYPE` (fp32).
+def batch_images(raw: RawBatch, device: torch.device) -> torch.Tensor | None:
+    """The batch's images on ``device`` as float32 in [0, 1]: one copy (uint8 pixels stay uint8 until
+    they are on the device, 4× fewer bytes than fp32), converted there. None for a batch without."""
+    if raw.images_BCHW is None:
+        return None
+    return images_to_float(to_device(raw.images_BCHW, device))
 
-    Encodings the batch carries are used as they are; the towers run only for what is missing.
+
+def batch_latents(
+    raw: RawBatch, run: RunContext, generator: torch.Generator | None, images_BCHW: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x0_BCHW`` of a batch in :data:`DATA_DTYPE` (fp32): stored latents, else the latent space on
+    the images (``images_BCHW``: the batch's images already on the device, see :func:`batch_images`).
+
     Stored latents with a posterior std are sampled as ``mean + std · ε``, ε drawn from
     ``generator`` in the frozen dtype on the CPU generator, exactly as the online
     ``encode(images, generator)`` of a KL latent space draws it; without a generator (validation)
@@ -130,19 +140,87 @@ def batch_encodings(
     precision = run.require("precision")
     with torch.no_grad():
         if raw.latents_BCHW is not None:
-            mean_BCHW = raw.latents_BCHW.to(run.device, precision.frozen_dtype)
+            mean_BCHW = to_device(raw.latents_BCHW, run.device).to(precision.frozen_dtype)
             x0_BCHW = mean_BCHW
             if raw.latent_std_BCHW is not None and generator is not None:
                 eps_BCHW = torch.randn(mean_BCHW.shape, generator=generator, dtype=mean_BCHW.dtype).to(run.device)
-                x0_BCHW = mean_BCHW + raw.latent_std_BCHW.to(run.device, mean_BCHW.dtype) * eps_BCHW
+                x0_BCHW = mean_BCHW + to_device(raw.latent_std_BCHW, run.device).to(mean_BCHW.dtype) * eps_BCHW
         elif raw.images_BCHW is not None:
-            x0_BCHW = run.require("latent_space").encode(raw.images_BCHW.to(run.device), generator)
+            if images_BCHW is None:
+                images_BCHW = batch_images(raw, run.device)
+            x0_BCHW = run.require("latent_space").encode(images_BCHW, generator)
         else:
             raise TrainingError("the data source returned a batch with neither images nor latents")
-        if raw.text_BLD is not None:
-            if raw.mask_BL is None:
-                raise TrainingError("the data source returned text states without their mask")
-            text_BLD, mask_BL = raw.text_BLD.to(run.device), raw.mask_BL.to(run.device)
-        else:
-            text_BLD, mask_BL = run.require("text_encoder").encode(raw.captions)
-    return x0_BCHW.to(DATA_DTYPE), text_BLD.to(DATA_DTYPE), mask_BL
+    return x0_BCHW.to(DATA_DTYPE)
+
+
+def batch_text(
+    raw: RawBatch,
+    run: RunContext,
+    dropped: list[bool] | None = None,
+    empty: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    pad_multiple: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(text_BLD, mask_BL, padded)`` of a batch, text in :data:`DATA_DTYPE`, on the device.
+
+    Rows flagged in ``dropped`` (caption dropout, decided on the host) get the empty prompt
+    ``empty`` = (states_1LD, mask_1L, its token count): online, their captions become ``""``
+    before encoding (the cached empty encoding, no encoder work); stored text gets the empty
+    states row by row on the device (no flags copied). With ``pad_multiple`` > 0 the text is cut
+    to the batch's longest caption rounded up to that multiple (padding is masked, so the
+    denoiser computes the same up to rounding); the lengths are known on the host (tokenizer,
+    stored mask), so nothing is read back from the device. ``padded`` is False when no row has
+    padding: attention then needs no mask.
+    """
+    flags = dropped if dropped is not None else [False] * len(raw.captions)
+    if len(flags) != len(raw.captions):
+        raise ValueError(f"{len(flags)} caption-dropout flags for a batch of {len(raw.captions)}")
+    dropped_rows = [row for row, drop in enumerate(flags) if drop]
+    if dropped_rows and empty is None:
+        raise ValueError("caption dropout needs the empty-prompt encoding (empty=)")
+    with torch.no_grad():
+        if raw.text_BLD is None:
+            encoder = run.require("text_encoder")
+            prompts = ["" if drop else caption for caption, drop in zip(raw.captions, flags, strict=True)]
+            encode_batch = getattr(encoder, "encode_batch", None)
+            if encode_batch is not None:
+                text_BLD, mask_BL, lengths = encode_batch(prompts, pad_multiple)
+            else:  # a bare TextEncoder: full length, lengths read from the mask
+                text_BLD, mask_BL = encoder.encode(prompts)
+                lengths = token_counts(mask_BL)
+            return text_BLD.to(DATA_DTYPE), mask_BL, min(lengths, default=0) < text_BLD.shape[1]
+        if raw.mask_BL is None:
+            raise TrainingError("the data source returned text states without their mask")
+        length = raw.text_BLD.shape[1]
+        padded = True
+        if raw.mask_BL.device.type == "cpu":  # a host mask tells the lengths for free
+            lengths = token_counts(raw.mask_BL)
+            if empty is not None:
+                lengths = [empty[2] if drop else n for drop, n in zip(flags, lengths, strict=True)]
+            if pad_multiple:
+                length = padded_length(max(lengths, default=0), length, pad_multiple)
+            padded = min(lengths, default=0) < length
+        text_BLD = to_device(raw.text_BLD[:, :length], run.device).to(DATA_DTYPE)
+        mask_BL = to_device(raw.mask_BL[:, :length], run.device)
+        if empty is not None and dropped_rows:
+            if raw.text_BLD.device == run.device:  # no copy was made: never write into the source's tensors
+                text_BLD, mask_BL = text_BLD.clone(), mask_BL.clone()
+            empty_states_1LD, empty_mask_1L, _ = empty
+            for row in dropped_rows:  # one device-side copy per dropped row, no flags on the device
+                text_BLD[row] = empty_states_1LD[0, :length].to(DATA_DTYPE)
+                mask_BL[row] = empty_mask_1L[0, :length]
+    return text_BLD, mask_BL, padded
+
+
+def batch_encodings(
+    raw: RawBatch, run: RunContext, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x0_BCHW, text_BLD, mask_BL)`` of a batch, x0 and text in :data:`DATA_DTYPE` (fp32), text at
+    full length and nothing dropped (validation, ``prx-run precompute``).
+
+    Encodings the batch carries are used as they are; the towers run only for what is missing
+    (:func:`batch_latents`, :func:`batch_text`).
+    """
+    x0_BCHW = batch_latents(raw, run, generator)
+    text_BLD, mask_BL, _ = batch_text(raw, run)
+    return x0_BCHW, text_BLD, mask_BL

@@ -52,9 +52,19 @@ from prx_core.sampling import euler_sample
 from prx_core.schedules import lr_multiplier
 from prx_core.seeding import derive_seed, generator_for
 from prx_core.slots import BatchRequest, EncodingsSource, Guidance
-from prx_core.text_cache import CachedTextEncoder
+from prx_core.text_cache import CachedTextEncoder, token_counts
 from prx_core.throughput import count_step_flops, peak_flops, peak_memory_gb
-from prx_core.towers import DATA_DTYPE, batch_encodings, build_slot, build_tower, provides_encodings, setup_errors
+from prx_core.towers import (
+    DATA_DTYPE,
+    batch_images,
+    batch_latents,
+    batch_text,
+    build_slot,
+    build_tower,
+    provides_encodings,
+    setup_errors,
+)
+from prx_core.transfer import device_generator
 
 logger = logging.getLogger("prx")
 
@@ -270,6 +280,13 @@ class Trainer:
 
         torch.manual_seed(recipe.seed)  # model init draws from the global generator
         model = build_model(recipe.model, run.text_encoder.dim, run.precision.param_dtype)
+        if recipe.model.init and start_from is None and self.continue_from is None:
+            # Fine-tuning: a fresh start only (a resume or a later stage loads its own checkpoint),
+            # before plugins see the model, so EMA copies the initial weights and not random ones.
+            from prx_core.finetune import load_init_weights
+
+            with setup_errors("cannot load model.init"):
+                load_init_weights(model, recipe.model)
         run.trainable = TrainableModules(model)
         with setup_errors("a plugin failed to set up (prx_configure / prx_build_modules)"):
             self.pm.hook.prx_configure(run=run)
@@ -293,6 +310,9 @@ class Trainer:
             recipe.train.global_batch, recipe.train.micro_batch, run.world_size
         )
         self.empty_prompt = cast("EncodingsSource", run.data).empty_text() if towers_lazy else run.text_encoder.empty()
+        self.empty_length = token_counts(self.empty_prompt[1])[0]  # read once, so steps never need to
+        #: Text is cut to the batch's longest caption rounded up to this ([text_encoder] pad_multiple; 0: never).
+        self.pad_multiple = int(getattr(recipe.slot_config("text_encoder"), "pad_multiple", 0))
         with setup_errors("a plugin failed before training (prx_before_training)"):
             self.pm.hook.prx_before_training(run=run)
         if start_from is not None:
@@ -611,14 +631,18 @@ class Trainer:
         raw = run.require("data").batch(request)
         self.data_wait_s += time.perf_counter() - started
         generator = generator_for(recipe.seed, "step", step, micro, run.rank)
-        images_BCHW = raw.images_BCHW.to(run.device) if raw.images_BCHW is not None else None
-        x0_BCHW, text_BLD, mask_BL = batch_encodings(raw, run, generator)
+        images_BCHW = batch_images(raw, run.device)  # the one copy of the pixels (uint8 stays uint8 until there)
+        x0_BCHW = batch_latents(raw, run, generator, images_BCHW)
         batch = x0_BCHW.shape[0]
-        drop_B = (torch.rand(batch, generator=generator) < objective.caption_dropout).to(run.device)
-        empty_states, empty_mask = self.empty_prompt
-        text_BLD = torch.where(drop_B[:, None, None], empty_states.to(text_BLD.dtype), text_BLD)
-        mask_BL = torch.where(drop_B[:, None], empty_mask, mask_BL)
-        t_B = objective.sample_timesteps(batch, generator, run.device)
+        # Caption dropout is decided on the host, in the CPU stream's order: the flags never go to the
+        # device (dropped captions are encoded as "", a cache hit), and the host then knows every row's
+        # length, to trim the text and to drop the attention mask when nothing is padded.
+        dropped = (torch.rand(batch, generator=generator) < objective.caption_dropout).tolist()
+        empty = (*self.empty_prompt, self.empty_length)
+        text_BLD, mask_BL, padded = batch_text(raw, run, dropped, empty, self.pad_multiple)
+        # On an accelerator t and ε are drawn there (no copy); on a CPU from the step generator, as always.
+        draws = device_generator(recipe.seed, "timesteps", step, micro, run.rank, device=run.device)
+        t_B = objective.sample_timesteps(batch, draws or generator, run.device)
         noise_BCHW = self._noise(x0_BCHW, generator, step, micro)
         x_t_BCHW = interpolate(x0_BCHW, noise_BCHW, t_B)
         stash = Stash()
@@ -637,11 +661,13 @@ class Trainer:
             generator=generator,
             precomputed={k: v.to(run.device) for k, v in (raw.features or {}).items()},
         )
-        route_generator = generator_for(recipe.seed, "route", step, micro, run.rank)
+        route_keys = (recipe.seed, "route", step, micro, run.rank)  # routes drawn where the tokens are
+        route_generator = device_generator(*route_keys, device=run.device) or generator_for(*route_keys)
         trainable = run.require("trainable")
         forward = ForwardContext(stash=stash, generator=route_generator, training=True, extras=trainable.extras)
         with precision.autocast(run.device):
-            prediction = self.wrapped(x_t_BCHW, t_B, text_BLD, mask_BL, forward)
+            # No padding, no mask: SDPA may then pick its flash kernel (ctx.mask_BL keeps the mask).
+            prediction = self.wrapped(x_t_BCHW, t_B, text_BLD, mask_BL if padded else None, forward)
             ctx.prediction_BCHW = prediction
             loss = objective.loss(ctx, prediction).mean()
             terms = self._loss_terms(ctx)
@@ -657,9 +683,9 @@ class Trainer:
         it, so CPU runs keep their numbers.
         """
         run = self.run
-        if run.device.type == "cuda":
-            device_generator = generator_for(self.recipe.seed, "noise", step, micro, run.rank, device=run.device)
-            return torch.randn(x0_BCHW.shape, generator=device_generator, dtype=x0_BCHW.dtype, device=run.device)
+        draws = device_generator(self.recipe.seed, "noise", step, micro, run.rank, device=run.device)
+        if draws is not None:
+            return torch.randn(x0_BCHW.shape, generator=draws, dtype=x0_BCHW.dtype, device=run.device)
         return torch.randn(x0_BCHW.shape, generator=generator, dtype=x0_BCHW.dtype).to(run.device)
 
     def _loss_terms(self, ctx: StepContext) -> list[LossTerm]:

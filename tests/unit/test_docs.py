@@ -137,6 +137,8 @@ def test_shell_blocks_name_things_that_exist(where: str, body: str) -> None:
                 args = _train_parser().parse_args(words[1:])
                 assert (ROOT / args.recipe).is_file(), f"{where}: {args.recipe}"
                 load(ROOT / args.recipe, args.overrides)
+        elif words[0] == "accelerate" and words[1] == "config":
+            continue  # interactive: writes the launcher's config file
         elif words[0] in ("torchrun", "accelerate"):
             assert "prx_core.cli" in words, f"{where}: launch prx through its module"
             rest = words[words.index("prx_core.cli") + 1 :]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from prx_core import hookimpl
 from prx_core.hookspecs import PluginInfo
+from prx_core.text_encoder_config import DEFAULT_PAD_MULTIPLE, check_pad_multiple
 
 if TYPE_CHECKING:
     from prx_minilm.encoder import MiniLMTextEncoder
@@ -46,8 +47,12 @@ class MiniLMConfig:
     #: Width of the token states. A plain field, not read from the weights, because the core
     #: sizes the denoiser's ``context_in_dim`` from it before anything loads; checked on load.
     dim: int = 384
+    #: Training cuts each batch's text to its longest caption rounded up to this many tokens (at
+    #: most ``max_length``; padding is masked, so the result is the same up to rounding). 0: never.
+    pad_multiple: int = DEFAULT_PAD_MULTIPLE
 
     def __post_init__(self) -> None:
+        check_pad_multiple(self.pad_multiple)
         if not 1 <= self.max_length <= _MAX_POSITIONS:
             raise ValueError(f"max_length must be in [1, {_MAX_POSITIONS}], got {self.max_length}")
         if self.dim < 1:
