@@ -73,9 +73,16 @@ _DATA_DEPENDENT = {
 class Counts:
     """Copies and reads of one counted window, by kind, with where each happened."""
 
-    host_to_device: collections.Counter[str] = field(default_factory=collections.Counter)
-    device_to_host: collections.Counter[str] = field(default_factory=collections.Counter)
+    #: (role, call) -> count, e.g. ("batch", "to").
+    host_to_device: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+    device_to_host: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
     where: list[str] = field(default_factory=list)
+
+    def by_role(self, table: collections.Counter[tuple[str, str]]) -> collections.Counter[str]:
+        out: collections.Counter[str] = collections.Counter()
+        for (name, _), n in table.items():
+            out[name] += n
+        return out
 
     @property
     def copies(self) -> int:
@@ -119,19 +126,37 @@ def _tensors_report_their_place() -> Iterator[None]:
         actual = base.__get__(tensor)
         return actual if _is_host(tensor) or actual.type != "cpu" else SIMULATED_DEVICE
 
-    torch.Tensor.device = property(device)  # type: ignore[assignment,method-assign]
+    torch.Tensor.device = property(device)  # type: ignore[assignment]
     try:
         yield
     finally:
         del torch.Tensor.device
 
 
-def _caller() -> str:
-    """The innermost frame in prx code (core or a plugin) that made the call."""
+def _caller() -> traceback.FrameSummary | None:
+    """The innermost frame in prx code (core or a plugin) that made the call, past the copy helper."""
     for frame in reversed(traceback.extract_stack()[:-3]):
-        if ("prx_core" in frame.filename or "/prx_" in frame.filename) and "host_syncs" not in frame.filename:
-            return f"{Path(frame.filename).name}:{frame.lineno} {frame.name}"
-    return "?"
+        name = Path(frame.filename).name
+        if ("prx_core" in frame.filename or "/prx_" in frame.filename) and name != "transfer.py":
+            return frame
+    return None
+
+
+#: Where a copy or read is made -> what it is. The step's own inputs come through ``prx_core.towers``;
+#: the text encoder copies token ids (and transformers reads its mask) only for cache misses.
+_ROLES = {
+    "towers.py": "batch",
+    "text_encoding.py": "text encoder (cache misses)",
+    "text_cache.py": "text encoder (cache misses)",
+    "trainer.py:train_step": "finiteness check",
+}
+
+
+def role(frame: traceback.FrameSummary | None) -> str:
+    if frame is None:
+        return "other"
+    name = Path(frame.filename).name
+    return _ROLES.get(f"{name}:{frame.name}", _ROLES.get(name, "other"))
 
 
 class TransferCounter(TorchFunctionMode):
@@ -142,9 +167,11 @@ class TransferCounter(TorchFunctionMode):
         self.counts = Counts()
         self.device_generators = device_generators
 
-    def _count(self, table: collections.Counter[str], kind: str, direction: str) -> None:
-        table[kind] += 1
-        self.counts.where.append(f"{direction} {kind:<14} {_caller()}")
+    def _count(self, table: collections.Counter[tuple[str, str]], kind: str, direction: str) -> None:
+        frame = _caller()
+        table[(role(frame), kind)] += 1
+        place = f"{Path(frame.filename).name}:{frame.lineno} {frame.name}" if frame else "?"
+        self.counts.where.append(f"{direction} {kind:<8} {role(frame):<28} {place}")
 
     def __torch_function__(self, func: Callable[..., Any], types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -278,7 +305,11 @@ def _place_on_simulated_device(trainer: Any) -> None:
             _mark_host(step)
 
 
-def count_step(patch: dict[str, Any], steps: int = 2, accumulation: int = 2) -> tuple[Counts, int]:
+#: Micro-steps per optimizer step in the counted runs.
+ACCUMULATION = 2
+
+
+def count_step(patch: dict[str, Any], steps: int = 2, accumulation: int = ACCUMULATION) -> tuple[Counts, int]:
     """Counts over ``steps`` optimizer steps of the tiny recipe with ``patch`` (after one warm step)."""
     from prx_core.recipe import deep_merge
     from prx_core.testing.fixtures import make_trainer, tiny_recipe
@@ -312,20 +343,27 @@ def main() -> int:
     from _common import header
 
     print("\n".join(header(torch.device("cpu"))))
-    print(f"per optimizer step of the tiny recipe, global batch 4 = 2 micro-steps × 2, {args.steps} steps counted")
-    print(f"{'configuration':<22} {'H→D copies':>10} {'D→H reads':>10}   H→D by call        D→H by call")
+    print(f"per optimizer step of the tiny recipe (global batch 4 = 2 micro-steps × 2), mean of {args.steps} steps")
+    print(f"{'configuration':<20} {'H→D copies':>10} {'D→H reads':>10}   by role (H→D | D→H)")
     failed = False
     for name, patch in CONFIGURATIONS.items():
         counts, steps = count_step(patch, args.steps)
-        copies, reads = counts.copies / steps, counts.reads / steps
-        by_copy = ", ".join(f"{k} {v / steps:g}" for k, v in sorted(counts.host_to_device.items())) or "-"
-        by_read = ", ".join(f"{k} {v / steps:g}" for k, v in sorted(counts.device_to_host.items())) or "-"
-        print(f"{name:<22} {copies:>10g} {reads:>10g}   {by_copy:<18} {by_read}")
+        copies, reads = counts.by_role(counts.host_to_device), counts.by_role(counts.device_to_host)
+        split = " | ".join(
+            ", ".join(f"{k} {v / steps:g}" for k, v in sorted(table.items())) or "-" for table in (copies, reads)
+        )
+        print(f"{name:<20} {counts.copies / steps:>10g} {counts.reads / steps:>10g}   {split}")
         if args.where:
             for line, n in collections.Counter(counts.where).most_common():
                 print(f"    {n / steps:g}× {line}")
-        failed |= copies > 2 or reads > 1
-    print("target: <= 1 H→D batch copy per micro-step (2 here), <= 1 D→H read per optimizer step")
+        failed |= copies["batch"] > steps * ACCUMULATION or reads["finiteness check"] > steps
+        failed |= copies["other"] > 0 or reads["other"] > 0
+    print(
+        "target: <= 1 H→D batch copy per micro-step (2 per step here), <= 1 D→H read per optimizer step (the\n"
+        "finiteness check), nothing else; the text encoder copies token ids and transformers reads the mask\n"
+        "once per forward of cache misses (none when every caption hits the cache)"
+    )
+    print("result: " + ("FAIL" if failed else "ok"))
     return 1 if failed else 0
 
 

@@ -36,13 +36,16 @@ import math
 import os
 import re
 import shutil
+import struct
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 __all__ = [
     "CheckpointError",
@@ -323,25 +326,140 @@ def _device_arg(device: str | torch.device) -> str:
     return str(device)
 
 
-def save_part(directory: Path, name: str, state: Any) -> None:
-    """Write ``state`` as ``<name>.json`` (skeleton) plus ``<name>.safetensors`` when it holds tensors.
+class _HashingWriter:
+    """A binary file that hashes (sha256) and counts the bytes as they are written, then fsyncs.
 
-    The JSON is written with ``allow_nan=False`` so the file is strict JSON.  This function does not fsync;
-    :class:`CheckpointManager` does that for the whole directory before committing.
+    The manifest's digests come from here, so a save never reads its own files back.
     """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: IO[bytes] = _open_for_write(path)
+        self._sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._handle.write(data)
+        self._sha256.update(data)  # releases the GIL on large buffers: training threads keep running
+        self.size += len(data)
+
+    def close(self) -> dict[str, Any]:
+        """Flush, fsync and close; the manifest entry ``{"sha256", "size"}`` of what was written."""
+        try:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        finally:
+            self._handle.close()
+        return {"sha256": self._sha256.hexdigest(), "size": self.size}
+
+    def abort(self) -> None:
+        try:
+            self._handle.close()
+        except OSError:
+            pass  # the write already failed; the caller reports that error
+
+
+def _open_for_write(path: Path) -> IO[bytes]:
+    """Every checkpoint file is opened here (tests substitute a writer that fails, e.g. with ENOSPC)."""
+    return path.open("wb")
+
+
+def _write_file(path: Path, chunks: Any) -> dict[str, Any]:
+    writer = _HashingWriter(path)
+    try:
+        for chunk in chunks:
+            writer.write(chunk)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+#: safetensors' dtype names (the format's spec), for the tensor files written here.
+_SAFETENSORS_DTYPES: Final = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def _safetensors_chunks(tensors: Mapping[str, torch.Tensor]) -> Any:
+    """The bytes of a safetensors file holding ``tensors`` (CPU, contiguous), streamed tensor by tensor.
+
+    The layout is the format's: an 8-byte little-endian header length, a JSON header of dtype, shape
+    and byte offsets padded with spaces to a multiple of 8, then the raw little-endian data.
+    ``safetensors.torch.load_file`` reads it. Written here rather than by ``save_file`` so the
+    bytes can be hashed as they go out, without holding a second copy of the file in memory.
+    """
+    header: dict[str, Any] = {}
+    offset = 0
+    for key, tensor in tensors.items():
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"tensor {key!r} has dtype {tensor.dtype}, which safetensors cannot store")
+        nbytes = tensor.numel() * tensor.element_size()
+        header[key] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)
+    yield struct.pack("<Q", len(encoded)) + encoded
+    for tensor in tensors.values():
+        if tensor.numel():
+            yield tensor.reshape(-1).view(torch.uint8).numpy().data  # a memoryview: no copy
+
+
+@dataclass
+class _PreparedPart:
+    name: str
+    skeleton: Any
+    tensors: dict[str, torch.Tensor]
+
+
+def _prepare_part(name: str, state: Any, snapshot: bool) -> _PreparedPart:
+    """Flatten ``state``, with every tensor on the CPU; ``snapshot`` copies even CPU tensors, so
+    training may change the originals while a background thread writes."""
     _check_part_name(name)
-    directory = Path(directory)
     skeleton, tensors = flatten_state(state)
-    tensor_file = f"{name}.safetensors" if tensors else None
+    cpu = {k: (t.to("cpu", copy=True) if snapshot else t.cpu()) for k, t in tensors.items()}
+    return _PreparedPart(name, skeleton, cpu)
+
+
+def _write_part(directory: Path, part: _PreparedPart) -> dict[str, dict[str, Any]]:
+    """Write a prepared part; returns the manifest entries of the files written."""
+    files: dict[str, dict[str, Any]] = {}
+    tensor_file = f"{part.name}.safetensors" if part.tensors else None
     if tensor_file is not None:
-        save_file(tensors, str(directory / tensor_file))
+        files[tensor_file] = _write_file(directory / tensor_file, _safetensors_chunks(part.tensors))
     document = {
         "format": _SKELETON_FORMAT,
         "version": _FORMAT_VERSION,
         "tensors_file": tensor_file,
-        "skeleton": skeleton,
+        "skeleton": part.skeleton,
     }
-    (directory / f"{name}.json").write_text(json.dumps(document, allow_nan=False, indent=1), encoding="utf-8")
+    text = json.dumps(document, allow_nan=False, indent=1).encode("utf-8")
+    files[f"{part.name}.json"] = _write_file(directory / f"{part.name}.json", [text])
+    return files
+
+
+def save_part(directory: Path, name: str, state: Any) -> None:
+    """Write ``state`` as ``<name>.json`` (skeleton) plus ``<name>.safetensors`` when it holds tensors.
+
+    The JSON is written with ``allow_nan=False`` so the file is strict JSON. Files are fsynced;
+    :class:`CheckpointManager` also records their digests, computed while writing.
+    """
+    _write_part(Path(directory), _prepare_part(name, state, snapshot=False))
 
 
 def _read_json(path: Path) -> Any:
@@ -428,10 +546,7 @@ def _file_digest(path: Path) -> str:
 
 
 def _write_durable(path: Path, data: bytes) -> None:
-    with path.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    _write_file(path, [data])
 
 
 def _write_commit_marker(directory: Path, manifest_sha256: str) -> None:
@@ -458,15 +573,32 @@ class CheckpointManager:
             )
         self.root = Path(root)
         self.keep_last = keep_last
+        self._writer: threading.Thread | None = None
+        self._error: BaseException | None = None
+        #: Seconds the last save took from its call to its commit, and how long its caller was blocked.
+        self.write_seconds = 0.0
+        self.blocking_seconds = 0.0
 
     # -- saving -------------------------------------------------------------------------------------------
 
-    def save(self, step: int, parts: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> CheckpointInfo:
+    def save(
+        self,
+        step: int,
+        parts: Mapping[str, Any],
+        meta: Mapping[str, Any] | None = None,
+        background: bool = False,
+    ) -> CheckpointInfo:
         """Write ``parts`` (name -> nested state) and ``meta`` as the checkpoint for ``step``, atomically.
 
         Either the complete checkpoint appears under ``step_XXXXXXXX`` or, after a crash, nothing but a hidden
         temp dir does.  Re-saving an existing step replaces it.  Pruning happens only after the commit.
+
+        ``background``: copy the tensors to the CPU now, then write, fsync, commit and prune in a
+        thread, so training goes on meanwhile; the returned checkpoint exists once :meth:`wait`
+        returns. A save first waits for the previous one. A failed background write (a full disk)
+        leaves the earlier checkpoints as they were, and :meth:`wait` raises its error.
         """
+        self.wait()
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         if not isinstance(parts, Mapping):
@@ -485,32 +617,67 @@ class CheckpointManager:
                 step,
                 ", ".join(str(info.path) for info in newer),
             )
+        started = time.perf_counter()
+        prepared = [_prepare_part(name, state, snapshot=background) for name, state in parts.items()]
+        info = CheckpointInfo(path=self.root / _step_dir_name(step), step=step)
+        if not background:
+            self._write(info, prepared, meta_skeleton, started)
+            return info
+        self.blocking_seconds = time.perf_counter() - started
 
+        def write() -> None:
+            try:
+                self._write(info, prepared, meta_skeleton, started)
+            except BaseException as err:  # noqa: BLE001 - handed to wait(), which raises it
+                self._error = err
+
+        # Not a daemon: an interpreter that exits (or a run that crashes) finishes the write first.
+        self._writer = threading.Thread(target=write, name=f"checkpoint-{step}")
+        self._writer.start()
+        return info
+
+    def wait(self) -> None:
+        """Block until a background save is committed; raise its error if it failed."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    @property
+    def pending(self) -> bool:
+        """Whether a background save is still being written."""
+        return self._writer is not None and self._writer.is_alive()
+
+    def _write(self, info: CheckpointInfo, prepared: list[_PreparedPart], meta_skeleton: Any, started: float) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / _step_dir_name(step)
+        final = info.path
         tmp = self.root / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)  # leftover of an earlier failed save by a process with our pid
-        tmp.mkdir()
-
-        for name, state in parts.items():
-            save_part(tmp, name, state)
-        files: dict[str, dict[str, Any]] = {}
-        for file in sorted(tmp.iterdir()):
-            _fsync_path(file)
-            files[file.name] = {"sha256": _file_digest(file), "size": file.stat().st_size}
-        manifest = {
-            "format": _MANIFEST_FORMAT,
-            "version": _FORMAT_VERSION,
-            "step": step,
-            "parts": list(parts),
-            "meta": meta_skeleton,
-            "files": files,
-        }
-        manifest_bytes = json.dumps(manifest, allow_nan=False, indent=1, sort_keys=True).encode("utf-8")
-        _write_durable(tmp / _MANIFEST, manifest_bytes)
-        _write_commit_marker(tmp, hashlib.sha256(manifest_bytes).hexdigest())
-        _fsync_path(tmp)
+        try:
+            tmp.mkdir()
+            files: dict[str, dict[str, Any]] = {}
+            for part in prepared:
+                files.update(_write_part(tmp, part))
+            manifest = {
+                "format": _MANIFEST_FORMAT,
+                "version": _FORMAT_VERSION,
+                "step": info.step,
+                "parts": [part.name for part in prepared],
+                "meta": meta_skeleton,
+                "files": dict(sorted(files.items())),
+            }
+            manifest_bytes = json.dumps(manifest, allow_nan=False, indent=1, sort_keys=True).encode("utf-8")
+            _write_durable(tmp / _MANIFEST, manifest_bytes)
+            _write_commit_marker(tmp, hashlib.sha256(manifest_bytes).hexdigest())
+            _fsync_path(tmp)
+        except BaseException:
+            # A full disk (ENOSPC) or any other failure before the commit: the half-written copy
+            # goes, so it frees its space and the earlier checkpoints stay the newest valid ones.
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
         aside: Path | None = None
         if final.exists():
@@ -522,8 +689,8 @@ class CheckpointManager:
             os.rename(final, aside)
         os.rename(tmp, final)
         _fsync_path(self.root)
-        info = CheckpointInfo(path=final, step=step)
-        logger.info("committed checkpoint %s", final)
+        self.write_seconds = time.perf_counter() - started
+        logger.info("committed checkpoint %s in %.1f s", final, self.write_seconds)
 
         # Everything below is housekeeping on a durable checkpoint.  A failure (e.g. a permission error on
         # an old directory) must not make the caller believe the save failed, so it is logged, not raised;
@@ -535,7 +702,6 @@ class CheckpointManager:
             self._prune(keep=info)
         except OSError:
             logger.warning("checkpoint %s committed, but cleaning up old checkpoints failed", final, exc_info=True)
-        return info
 
     def _remove_stale_tmp(self) -> None:
         # Single-writer assumption: any .tmp-* besides the one we just renamed is debris from a crash.
@@ -590,13 +756,16 @@ class CheckpointManager:
             logger.warning("checkpoint %s is invalid (%s); falling back to an older one", info.path, reason)
         return None
 
-    def load(self, info: CheckpointInfo, device: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
-        """Verify, then return ``(parts, meta)`` with tensors on ``device``.
+    def load(
+        self, info: CheckpointInfo, device: str | torch.device = "cpu", verify: bool = True
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Verify (unless the caller already did, ``verify=False``), then return ``(parts, meta)``
+        with tensors on ``device``.
 
         Raises:
             CheckpointError: naming the path and reason when the checkpoint is incomplete or corrupt.
         """
-        reason = self.verify(info)
+        reason = self.verify(info) if verify else None
         if reason is not None:
             raise CheckpointError(f"checkpoint {info.path} is invalid: {reason}")
         manifest = _read_json(info.path / _MANIFEST)

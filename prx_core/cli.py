@@ -1,4 +1,4 @@
-"""``prx-run``: train a recipe, check recipes, list plugins.
+"""``prx-run``: train a recipe, and the commands around a run (``prx-run --help`` lists them all).
 
     prx-run RECIPE [--set KEY=VALUE ...] [--run-dir DIR] [--resume auto|PATH] [--allow-drift]
     prx-run check PATH [PATH ...] [--set KEY=VALUE ...]
@@ -18,8 +18,8 @@ import importlib
 import logging
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prx_core.config import RecipeError
@@ -64,6 +64,14 @@ def _check_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prx-run check", description="Validate recipes without building models.")
     parser.add_argument("paths", nargs="+", type=Path, help="recipe files or folders (searched for *.toml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="also estimate each CUDA recipe's peak GPU memory (fake tensors, no GPU needed) and fail "
+        "those that do not fit --gpu-gb",
+    )
+    parser.add_argument("--gpu-gb", type=float, default=80.0, help="GPU memory for --memory (default: 80)")
+    parser.add_argument("--gpus", type=int, default=8, help="processes the recipes run on, for --memory (default: 8)")
     return parser
 
 
@@ -126,7 +134,19 @@ def cmd_plugins(argv: list[str] | None = None) -> int:
     if args.verbose or args.json or args.hook:
         import json
 
+        from prx_core import hookspecs
         from prx_core.plugin_report import plugin_reports
+
+        known_hooks = sorted(name for name in vars(hookspecs) if name.startswith("prx_"))
+        if args.hook and args.hook not in known_hooks:
+            from prx_core.config import suggest
+
+            print(
+                f"prx-run plugins: unknown hook {args.hook!r}{suggest(args.hook, known_hooks)} "
+                f"(hooks: {', '.join(known_hooks)})",
+                file=sys.stderr,
+            )
+            return 2
 
         reports = [r for r in plugin_reports() if not args.hook or args.hook in r.hooks or args.hook in _entry_hooks(r)]
         if args.json:
@@ -183,6 +203,24 @@ def cmd_check(argv: list[str]) -> int:
         chosen = ", ".join(f"{slot}={c.use}" for slot, c in recipe.slots.items())
         extra = f"; plugins: {', '.join(recipe.plugins)}" if recipe.plugins else ""
         extra += f"; metrics: {', '.join(recipe.metrics)}" if recipe.metrics else ""
+        if recipe.model.init:
+            from prx_core.finetune import init_status
+
+            extra += f"; init: {init_status(recipe.model)}"
+        if args.memory and recipe.train.device == "cuda":
+            from prx_core.memory import HEADROOM_GIB, estimate_recipe
+
+            estimate = estimate_recipe(recipe, world_size=args.gpus)
+            if not estimate.fits(args.gpu_gb):
+                failures += 1
+                print(
+                    f"FAIL {path}\n     estimated peak memory {estimate.summary()} exceeds {args.gpu_gb:g} GB "
+                    f"less {HEADROOM_GIB:g} GiB headroom; turn on train.activation_checkpointing or lower "
+                    "train.micro_batch (gradient accumulation keeps the global batch)",
+                    file=sys.stderr,
+                )
+                continue
+            extra += f"; memory {estimate.summary()}"
         print(f"ok   {path} ({chosen}{extra})")
     print(f"{len(files) - failures} ok, {failures} failed")
     return 1 if failures else 0

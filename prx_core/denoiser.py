@@ -10,6 +10,13 @@ attention processor appends the (all-True) image keys and hands SDPA a broadcast
 ``[B, 1, 1, L_txt + L_img]`` boolean mask, never a materialised ``B × heads × L × L`` float bias
 (reference.md §7.10; ``tests/unit/test_attention_mask.py`` intercepts SDPA to keep it so).
 
+Which SDPA kernel runs on CUDA: flash attention takes no ``attn_mask`` at all, so a masked call
+goes to the memory-efficient kernel (or cuDNN). The trainer therefore passes ``mask_BL = None``
+when no row of the batch is padded, and cuts the text to the batch's longest caption rounded up
+to ``[text_encoder] pad_multiple`` (64 by default) so that little padding is left to mask; the
+result equals the untrimmed one up to rounding. ``tests/unit/test_text_trim.py`` asks the
+installed torch for the flash rule with fake CUDA tensors, and checks both equalities.
+
 :func:`compile_blocks` is ``train.compile = "blocks"``: regional compilation of each transformer
 block in place, so parameter names, checkpoints and exports do not change.
 """

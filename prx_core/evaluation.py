@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from prx_core.context import ForwardContext, StepContext
+from prx_core.distributed import reshard
 from prx_core.flow import interpolate
 from prx_core.keys import Stash
 from prx_core.seeding import generator_for
@@ -42,6 +43,23 @@ def _concat(batches: list[RawBatch]) -> RawBatch:
     )
 
 
+def _chunks(trainer: Trainer, mine: list[int], batch: int) -> list[tuple[list[int], bool]]:
+    """``mine`` in chunks of ``batch``, as ``(indices, counted)``, padded to the same count on every rank.
+
+    Sharded (FSDP2) weights are all-gathered inside each forward, a collective every rank must
+    join: when the held-out items do not split evenly, a rank with fewer chunks would leave the
+    others waiting forever. Padding chunks repeat held-out item 0 and are computed but not counted.
+    """
+    from prx_core.distributed import is_sharded
+
+    chunks = [(mine[start : start + batch], True) for start in range(0, len(mine), batch)]
+    if not trainer.dist.active or not is_sharded(trainer.run.require("trainable")):
+        return chunks
+    most_items = -(-trainer.recipe.eval.num_samples // trainer.dist.world_size)  # rank 0's share
+    padding = -(-most_items // batch) - len(chunks)
+    return chunks + [([0], False)] * padding
+
+
 def _gather_rows(trainer: Trainer, rows: list[torch.Tensor]) -> torch.Tensor | None:
     """Concatenate every rank's feature rows on rank 0 (None elsewhere), in rank order."""
     local = torch.cat(rows) if rows else torch.zeros(0)
@@ -66,8 +84,7 @@ def validation_loss(trainer: Trainer, indices: list[int], seed: int | None = Non
     count = 0
     # The weights samples and metrics use: the EMA copy when EMA is on (reference.md §4).
     modules = trainer.sampling_modules()
-    for start in range(0, len(indices), ev.batch):
-        chunk = indices[start : start + ev.batch]
+    for chunk, counted in _chunks(trainer, indices, ev.batch):
         # Held-out items may carry their encodings (precomputed data): the towers then stay unloaded.
         raw = _concat([data.held_out(i, 1) for i in chunk])
         images_BCHW = raw.images_BCHW.to(run.device) if raw.images_BCHW is not None else None
@@ -97,8 +114,9 @@ def validation_loss(trainer: Trainer, indices: list[int], seed: int | None = Non
                 generator=generator_for(seed, "val-step"),
                 prediction_BCHW=prediction,
             )
-            sums[b] += objective.loss(step, prediction).double().sum().cpu()
-        count += len(chunk)
+            if counted:
+                sums[b] += objective.loss(step, prediction).double().sum().cpu()
+        count += len(chunk) if counted else 0
     totals = torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64)])
     if trainer.dist.active:
         dist.all_reduce(totals)
@@ -145,12 +163,13 @@ def evaluate(trainer: Trainer, seed: int | None = None) -> dict[str, float]:
         size = trainer.sample_size()
         generated: dict[str, list[torch.Tensor]] = {n: [] for n in metrics}
         reference: dict[str, list[torch.Tensor]] = {n: [] for n in metrics}
-        for start in range(0, len(mine), ev.batch):
-            chunk = mine[start : start + ev.batch]
+        for chunk, counted in _chunks(trainer, mine, ev.batch):
             batches = [data.held_out(i, 1) for i in chunk]
             prompts = [c for b in batches for c in b.captions]
             real = torch.cat([b.images_BCHW for b in batches])
             images = trainer.generate(prompts, ev.steps, ev.cfg, seed, size, noise_indices=chunk)
+            if not counted:  # a padding chunk: its forward kept the ranks' collectives matched
+                continue
             for name, metric in metrics.items():
                 generated[name].append(metric.features(images, prompts).float().cpu())
                 if metric.needs_reference:
@@ -161,4 +180,5 @@ def evaluate(trainer: Trainer, seed: int | None = None) -> dict[str, float]:
             if gen is not None:
                 results.update({f"eval/{k}": float(v) for k, v in metric.score(gen, ref).items()})
     run.require("trainable").train(was_training)
+    reshard(trainer.forward_module)
     return results

@@ -115,6 +115,14 @@ def agree_with_init(table: Mapping[str, Any], fields: list[str], where: Callable
     return {**{k: checkpoint[k] for k in keys if checkpoint[k] is not None}, **table}
 
 
+def init_status(model_config: Any) -> str:
+    """``init`` for ``prx-run check``'s summary: whether its architecture was checked here."""
+    found = local_init_config(model_config.init, model_config.subfolder, model_config.revision)
+    if found is None:
+        return f"{model_config.init} (config not local: compared with [model] when a run starts)"
+    return f"{model_config.init} (architecture agrees with {found[1]})"
+
+
 # --------------------------------------------------------------------------- loading (torch)
 
 

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import torch
 
     from prx_core.context import RunContext, StepContext
+    from prx_core.recipe import Recipe
     from prx_core.registry import PluginRegistrar
     from prx_core.slots import Guidance, Stateful
 
@@ -118,6 +119,28 @@ def prx_register_trackers(registry: PluginRegistrar[Any]) -> None:
 
 
 # --------------------------------------------------------------------------- additive hooks
+
+
+@hookspec
+def prx_check_recipe(recipe: Recipe) -> list[str] | None:
+    """Check the plugin's settings against the whole resolved recipe; return what is wrong.
+
+    Called by ``prx-run check`` and at the start of every run through the same code path
+    (:func:`prx_core.recipe.load` validates every recipe it returns), once every table is bound
+    and ``requires``/``conflicts`` hold, before any model is built. So a recipe that ``check``
+    accepts does not fail in its first seconds for a reason the recipe already states: a block
+    index past ``model.depth``, a text width the encoder's weights do not have. Must stay cheap:
+    no torch, no network; reading a local ``config.json`` is fine (see
+    :mod:`prx_core.recipe_checks` for shared helpers).
+
+    Return one message per problem (None or ``[]``: nothing wrong). A message is one line that
+    starts with the recipe key it concerns, quoted, and gives the values, e.g.
+    ``"'router.end' is 9, but model.depth = 4 has blocks 0..3"``; core prefixes the file that set
+    that key and raises :class:`prx_core.config.RecipeError`. Raising ``RecipeError`` yourself
+    works too. A plugin that provides a slot entry checks only when the recipe chose it
+    (``recipe.slots["router"].use``); an additive plugin reads ``recipe.plugins[INFO.name]``.
+    Messages are reported sorted, so plugin order does not matter.
+    """
 
 
 @hookspec

@@ -19,9 +19,11 @@ one block at a time, so the activations are the inputs of every block plus one b
 
 The estimate is an upper bound in two ways: text is counted at ``max_length`` (batches are
 trimmed to their longest caption) and token routing (TREAD, SPRINT) is ignored. It leaves out
-the allocator's fragmentation and the CUDA context (about 0.5–1 GiB): keep a margin
-(:data:`HEADROOM_GIB`). ``prx-run check --memory`` prints it for every CUDA recipe and fails a
-recipe that does not fit; ``bench/memory_estimate.py`` prints the breakdown.
+the allocator's fragmentation and the CUDA context (about 0.5–1 GiB), hence a margin
+(:data:`HEADROOM_GIB`), and the activations of frozen networks a loss backpropagates through
+(LPIPS, Perceptual-DINO), which the summary names. ``prx-run check --memory`` prints it for
+every CUDA recipe and fails a recipe that does not fit; ``bench/memory_estimate.py`` prints the
+breakdown.
 """
 
 from __future__ import annotations
@@ -141,6 +143,7 @@ class MemoryEstimate:
             f"{self.total / GIB:.1f} GiB per GPU (batch {self.per_gpu_batch} × {self.accumulation} accumulation, "
             f"activation checkpointing {ckpt}: activations {self.activations / GIB:.1f} GiB, "
             f"{self.block_saved / GIB:.2f} GiB per block)"
+            + (f"; not counted: {', '.join(self.not_counted)}" if self.not_counted else "")
         )
 
 
@@ -200,6 +203,18 @@ def _cuda_autocast(dtype: torch.dtype | None) -> Iterator[None]:
 
 
 @contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@contextmanager
 def _patched_sdpa() -> Iterator[None]:
     import torch.nn.functional as F
 
@@ -233,11 +248,13 @@ def count_activations(
     from prx_core.keys import Stash
 
     saved: dict[int, tuple[int, int]] = {}  # storage id -> (bytes, block index or -1)
+    weight_storages: set[int] = set()
     current = [-1]
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if not isinstance(tensor, torch.nn.Parameter):
-            storage = tensor.untyped_storage()
+        storage = tensor.untyped_storage()
+        # Weights (and their transposed views, which linear layers save) are counted as weights.
+        if storage._cdata not in weight_storages:
             saved.setdefault(storage._cdata, (storage.nbytes(), current[0]))
         return tensor
 
@@ -255,8 +272,10 @@ def count_activations(
     def leave(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
         current[0] = -1
 
-    with FakeTensorMode(), torch.device("cuda"), _patched_sdpa():
-        denoiser = build_model(model, context_dim, param_dtype)
+    with FakeTensorMode(), torch.device("cuda"), _patched_sdpa(), _default_dtype(param_dtype):
+        # Built directly in the weight dtype: a fake module cannot be cast afterwards.
+        denoiser = build_model(model, context_dim, torch.float32)
+        weight_storages.update(p.untyped_storage()._cdata for p in denoiser.parameters())
         for index, block in enumerate(denoiser.blocks):
             block.register_forward_pre_hook(enter(index), with_kwargs=True)
             block.register_forward_hook(leave)
@@ -281,6 +300,9 @@ def count_activations(
 
 
 # ---------------------------------------------------------------------------------------------- the recipe
+
+#: Plugins whose loss backpropagates through a frozen network (its activations are not estimated).
+_LOSS_NETWORK_PLUGINS = frozenset({"lpips", "perceptual_dino"})
 
 #: (parameter bytes, autocast dtype name) of the built-in precision policies.
 _POLICIES: dict[str, tuple[int, str | None]] = {
@@ -356,6 +378,8 @@ def estimate_recipe(recipe: Recipe, world_size: int = DEFAULT_WORLD_SIZE) -> Mem
             frozen += FROZEN_PARAMETERS[key] * frozen_bytes
         elif not key.startswith("plugin:"):  # most plugins hold no network
             not_counted.append(key)
+    # Losses that backpropagate through a frozen network keep its activations too (not counted).
+    not_counted += [f"{name} activations" for name in recipe.plugins if name in _LOSS_NETWORK_PLUGINS]
     ema = weights if "ema" in recipe.plugins else 0
     from prx_core.text_cache import DEFAULT_CACHE_BYTES
 

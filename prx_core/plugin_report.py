@@ -92,10 +92,8 @@ def plugin_reports() -> list[PluginReport]:
         base = PluginReport(name, "installed", installed.distribution, installed.version, installed.module)
         try:
             module = importlib.import_module(installed.module)
-            info = plugin_info(module, expected_name=name)
+            reports.append(describe(module, plugin_info(module, expected_name=name), base))
         except Exception as err:  # noqa: BLE001 - a broken plugin is reported, not fatal to the listing
             base.error = f"{type(err).__name__}: {err}"
             reports.append(base)
-            continue
-        reports.append(describe(module, info, base))
     return reports

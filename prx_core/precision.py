@@ -208,6 +208,8 @@ class Bf16Mixed:
             self.enabled = device.type == "cpu" and autocast_cpu
         # Frozen towers (text encoder, VAE, teachers) compute in the autocast dtype anyway.
         self.frozen_dtype = torch.bfloat16 if self.enabled else torch.float32
+        #: The dtype matmuls run in (FSDP2 all-gathers weights in it); None without autocast.
+        self.compute_dtype: torch.dtype | None = torch.bfloat16 if self.enabled else None
 
     def autocast(self, device: torch.device) -> AbstractContextManager[Any]:
         if not self.enabled:
@@ -219,11 +221,22 @@ class Bf16Mixed:
 
 
 class Fp32:
+    """Everything in fp32. On CUDA, matmuls may use TF32 tensor cores (``tf32 = true``, the default):
+    10-bit mantissa products with fp32 accumulation, ~8× the fp32 rate on A100/H100."""
+
     name = "fp32"
     param_dtype = torch.float32
     frozen_dtype = torch.float32
     state_dtype = torch.float32
+    compute_dtype: torch.dtype | None = None
     warning: str | None = None
+
+    def __init__(self, device: torch.device | None = None, tf32: bool = True) -> None:
+        self.tf32 = tf32
+        if device is not None and device.type == "cuda":
+            # "high": fp32 matmuls may run as TF32 (convolutions follow the cuDNN flag).
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
 
     def autocast(self, device: torch.device) -> AbstractContextManager[Any]:
         return contextlib.nullcontext()
@@ -260,6 +273,7 @@ class Bf16Weights:
             raise ValueError(f"precision 'bf16_weights' needs bfloat16 support, which device {device} lacks")
         self.device = device
         self.enabled = autocast
+        self.compute_dtype: torch.dtype | None = torch.bfloat16 if autocast else None
 
     def autocast(self, device: torch.device) -> AbstractContextManager[Any]:
         if not self.enabled:

@@ -7,8 +7,10 @@
 * ``--set a.b=value`` overrides go through the same merge and the same validation, and are
   recorded in the resolved recipe.
 * :func:`validate` checks everything that can be checked without building a model: names,
-  types, plugin ``requires``/``conflicts``, and the shape contract between the latent space and
-  the denoiser (reference.md §7.3, §7.4).
+  types, plugin ``requires``/``conflicts``, the shape contract between the latent space and
+  the denoiser (reference.md §7.3, §7.4), the batch split, and each active plugin's
+  ``prx_check_recipe(recipe)`` (block indices against ``model.depth``, text widths). ``prx-run
+  check`` and the start of a run both go through it, so ``check`` refuses what a run would.
 
 Python's ``tomllib`` (TOML 1.0) reads recipes; :func:`dump_toml` writes the resolved recipe back
 in a form ``tomllib`` reads.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -706,6 +709,34 @@ def check_compatibility(recipe: Recipe, raw: RawRecipe) -> None:
                 f"{raw.where('data.size')}: image size {size} is not divisible by latent compression × patch "
                 f"size = {factor}"
             )
+    micro, batch = recipe.train.micro_batch, recipe.train.global_batch
+    if micro is not None and batch % micro:
+        raise RecipeError(
+            f"{raw.where('train.micro_batch')}: 'train.micro_batch' is {micro}, which does not divide "
+            f"train.global_batch = {batch}; no world size splits it into whole micro-batches "
+            "(global_batch = micro_batch × accumulation steps × world size)"
+        )
+    check_plugins(recipe, raw)
+
+
+#: A ``prx_check_recipe`` message that starts with a quoted recipe key: ``'router.end' is 9, ...``.
+_LEADING_KEY = re.compile(r"^'([A-Za-z_][\w.\-]*)'")
+
+
+def check_plugins(recipe: Recipe, raw: RawRecipe) -> None:
+    """Every active plugin's ``prx_check_recipe(recipe)``; the problems are raised as one error.
+
+    Each message is prefixed with the file that set the key it starts with (the recipe's own file
+    otherwise) and the messages are sorted, so the error does not depend on plugin order.
+    """
+    problems: list[str] = []
+    for messages in recipe.active.manager.hook.prx_check_recipe(recipe=recipe):
+        for message in messages or []:
+            match = _LEADING_KEY.match(message)
+            where = raw.where(match.group(1)) if match else str(raw.source or "recipe")
+            problems.append(f"{where}: {message}")
+    if problems:
+        raise RecipeError("; ".join(sorted(problems)))
 
 
 # --------------------------------------------------------------------------- writing

@@ -222,7 +222,9 @@ class RawBatch:
     encoding that is present and runs the matching tower only for what is missing.
     """
 
-    images_BCHW: torch.Tensor | None  # float32 in [0, 1]
+    #: uint8 pixels (decoded files: the trainer copies them to the device as they are and converts
+    #: there) or float32 in [0, 1] (rendered data); :func:`prx_core.transfer.images_to_float`.
+    images_BCHW: torch.Tensor | None
     captions: list[str]
     #: Normalised latents; with ``latent_std_BCHW`` the posterior mean (sampled each step).
     latents_BCHW: torch.Tensor | None = None

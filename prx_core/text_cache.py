@@ -153,6 +153,7 @@ class CachedTextEncoder:
         return states_BLD, mask_BL
 
     def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self._empty_entry()  # the one read of its length happens here (at setup), not in a step
         return self.encoder.empty()
 
     def stats(self) -> dict[str, float]:

@@ -94,7 +94,10 @@ class PaddedTextEncoder:
         # Ids and mask travel in one copy (pinned, non-blocking on CUDA), not one copy each.
         ids_and_mask_2BL = to_device(torch.stack([batch["input_ids"], batch["attention_mask"]]), self.device)
         ids_BL, mask_BL = ids_and_mask_2BL[0], ids_and_mask_2BL[1].bool()
-        states_BLD = self.model(input_ids=ids_BL, attention_mask=mask_BL, **self.forward_kwargs).last_hidden_state
+        # No padding anywhere (known here, on the host): no mask, so transformers need not read the
+        # device to find out that it could skip it.
+        attention_BL = mask_BL if min(lengths) < self.max_length else None
+        states_BLD = self.model(input_ids=ids_BL, attention_mask=attention_BL, **self.forward_kwargs).last_hidden_state
         return states_BLD.masked_fill(~mask_BL[..., None], 0.0), mask_BL, [int(n) for n in lengths]
 
     def empty(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,13 +1,15 @@
 """Building a run's slots, and the two towers (latent space, text encoder) that feed the step.
 
 When a data source carries precomputed encodings (``prx-run precompute``), a training step needs
-neither tower: they are built lazily (:class:`LazyTower`) on the first sample grid or evaluation.
+neither tower: they are built lazily (:class:`LazyTower`), at setup when the run samples or
+evaluates during training (the trainer asks for them then), else on first use.
 :func:`batch_encodings` turns any batch into ``(x0, text, mask)``: stored encodings as they are,
 towers for whatever is missing. The trainer, ``prx-run precompute`` and evaluation share these.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +21,7 @@ from prx_core.config import RecipeError
 from prx_core.errors import TrainingError
 from prx_core.slots import EncodingsSource
 from prx_core.text_cache import padded_length, token_counts
-from prx_core.transfer import images_to_float, to_device
+from prx_core.transfer import images_to_float, to_device, to_device_packed
 
 if TYPE_CHECKING:
     from prx_core.context import RunContext
@@ -118,33 +120,72 @@ def build_tower(recipe: Recipe, run: RunContext, slot: str, lazy: bool) -> Any:
     return LazyTower(slot, lambda: build_slot(recipe, run, slot), known)
 
 
+def batch_to_device(
+    raw: RawBatch, device: torch.device, pad_multiple: int = 0, empty_length: int | None = None
+) -> tuple[RawBatch, list[int] | None]:
+    """The batch with every tensor it carries on ``device``, in one copy; and the token count of
+    each stored text row, read from the host mask before it left (None without stored text).
+
+    Stored text is cut first to its longest row (or the empty prompt, ``empty_length``, which
+    caption dropout may put in) rounded up to ``pad_multiple``: the padding never crosses. Images
+    cross as they are (uint8 pixels: 4× fewer bytes than fp32; :func:`batch_images` converts).
+    """
+    text_BLD, mask_BL, lengths = raw.text_BLD, raw.mask_BL, None
+    if text_BLD is not None and mask_BL is not None and mask_BL.device.type == "cpu":
+        lengths = token_counts(mask_BL)
+        if pad_multiple:
+            longest = max([*lengths, *([empty_length] if empty_length is not None else [])], default=0)
+            keep = padded_length(longest, text_BLD.shape[1], pad_multiple)
+            text_BLD, mask_BL = text_BLD[:, :keep], mask_BL[:, :keep]
+    tensors = {
+        "images_BCHW": raw.images_BCHW,
+        "latents_BCHW": raw.latents_BCHW,
+        "latent_std_BCHW": raw.latent_std_BCHW,
+        "text_BLD": text_BLD,
+        "mask_BL": mask_BL,
+        **{f"features.{k}": v for k, v in (raw.features or {}).items()},
+    }
+    present = {k: v for k, v in tensors.items() if v is not None}
+    moved = dict(zip(present, to_device_packed(list(present.values()), device), strict=True))
+    features = {k: moved[f"features.{k}"] for k in raw.features} if raw.features is not None else None
+    fields: dict[str, Any] = {k: v for k, v in moved.items() if not k.startswith("features.")}
+    return dataclasses.replace(raw, **fields, features=features), lengths
+
+
 def batch_images(raw: RawBatch, device: torch.device) -> torch.Tensor | None:
-    """The batch's images on ``device`` as float32 in [0, 1]: one copy (uint8 pixels stay uint8 until
-    they are on the device, 4× fewer bytes than fp32), converted there. None for a batch without."""
+    """The batch's images on ``device`` as float32 in [0, 1]: one copy of the pixels as they are
+    (uint8 stays uint8 until it is there, unless :func:`batch_to_device` moved it), converted there.
+    None for a batch without images."""
     if raw.images_BCHW is None:
         return None
     return images_to_float(to_device(raw.images_BCHW, device))
 
 
 def batch_latents(
-    raw: RawBatch, run: RunContext, generator: torch.Generator | None, images_BCHW: torch.Tensor | None = None
+    raw: RawBatch,
+    run: RunContext,
+    generator: torch.Generator | None,
+    images_BCHW: torch.Tensor | None = None,
+    device_draws: torch.Generator | None = None,
 ) -> torch.Tensor:
     """``x0_BCHW`` of a batch in :data:`DATA_DTYPE` (fp32): stored latents, else the latent space on
     the images (``images_BCHW``: the batch's images already on the device, see :func:`batch_images`).
 
-    Stored latents with a posterior std are sampled as ``mean + std · ε``, ε drawn from
-    ``generator`` in the frozen dtype on the CPU generator, exactly as the online
-    ``encode(images, generator)`` of a KL latent space draws it; without a generator (validation)
-    the mean is used, as ``encode(images, None)`` would.
+    Stored latents with a posterior std are sampled as ``mean + std · ε``, ε drawn in the frozen
+    dtype from ``device_draws`` where given (a device generator: no copy), else from ``generator``
+    on the CPU, exactly as the online ``encode(images, generator)`` of a KL latent space draws it;
+    without a generator (validation) the mean is used, as ``encode(images, None)`` would.
     """
     precision = run.require("precision")
     with torch.no_grad():
         if raw.latents_BCHW is not None:
             mean_BCHW = to_device(raw.latents_BCHW, run.device).to(precision.frozen_dtype)
             x0_BCHW = mean_BCHW
-            if raw.latent_std_BCHW is not None and generator is not None:
-                eps_BCHW = torch.randn(mean_BCHW.shape, generator=generator, dtype=mean_BCHW.dtype).to(run.device)
-                x0_BCHW = mean_BCHW + to_device(raw.latent_std_BCHW, run.device).to(mean_BCHW.dtype) * eps_BCHW
+            draws = device_draws or generator
+            if raw.latent_std_BCHW is not None and draws is not None:
+                eps_BCHW = torch.randn(mean_BCHW.shape, generator=draws, dtype=mean_BCHW.dtype, device=draws.device)
+                std_BCHW = to_device(raw.latent_std_BCHW, run.device).to(mean_BCHW.dtype)
+                x0_BCHW = mean_BCHW + std_BCHW * eps_BCHW.to(run.device)
         elif raw.images_BCHW is not None:
             if images_BCHW is None:
                 images_BCHW = batch_images(raw, run.device)
@@ -160,6 +201,7 @@ def batch_text(
     dropped: list[bool] | None = None,
     empty: tuple[torch.Tensor, torch.Tensor, int] | None = None,
     pad_multiple: int = 0,
+    stored_lengths: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """``(text_BLD, mask_BL, padded)`` of a batch, text in :data:`DATA_DTYPE`, on the device.
 
@@ -168,9 +210,10 @@ def batch_text(
     before encoding (the cached empty encoding, no encoder work); stored text gets the empty
     states row by row on the device (no flags copied). With ``pad_multiple`` > 0 the text is cut
     to the batch's longest caption rounded up to that multiple (padding is masked, so the
-    denoiser computes the same up to rounding); the lengths are known on the host (tokenizer,
-    stored mask), so nothing is read back from the device. ``padded`` is False when no row has
-    padding: attention then needs no mask.
+    denoiser computes the same up to rounding). The lengths are known on the host (from the
+    tokenizer; for stored text ``stored_lengths`` from :func:`batch_to_device`, or a host mask),
+    so nothing is read back from the device. ``padded`` is False when no row has padding:
+    attention then needs no mask.
     """
     flags = dropped if dropped is not None else [False] * len(raw.captions)
     if len(flags) != len(raw.captions):
@@ -193,8 +236,10 @@ def batch_text(
             raise TrainingError("the data source returned text states without their mask")
         length = raw.text_BLD.shape[1]
         padded = True
-        if raw.mask_BL.device.type == "cpu":  # a host mask tells the lengths for free
+        lengths = stored_lengths
+        if lengths is None and raw.mask_BL.device.type == "cpu":  # a host mask tells the lengths for free
             lengths = token_counts(raw.mask_BL)
+        if lengths is not None:
             if empty is not None:
                 lengths = [empty[2] if drop else n for drop, n in zip(flags, lengths, strict=True)]
             if pad_multiple:
@@ -203,7 +248,8 @@ def batch_text(
         text_BLD = to_device(raw.text_BLD[:, :length], run.device).to(DATA_DTYPE)
         mask_BL = to_device(raw.mask_BL[:, :length], run.device)
         if empty is not None and dropped_rows:
-            if raw.text_BLD.device == run.device:  # no copy was made: never write into the source's tensors
+            if text_BLD.data_ptr() == raw.text_BLD.data_ptr() or mask_BL.data_ptr() == raw.mask_BL.data_ptr():
+                # No copy was made: never write into the tensors the source handed over.
                 text_BLD, mask_BL = text_BLD.clone(), mask_BL.clone()
             empty_states_1LD, empty_mask_1L, _ = empty
             for row in dropped_rows:  # one device-side copy per dropped row, no flags on the device

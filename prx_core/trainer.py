@@ -24,12 +24,13 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from prx_core.checkpoint import CheckpointInfo, CheckpointManager, resolve_checkpoint
+from prx_core.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager, resolve_checkpoint
 from prx_core.config import RecipeError
 from prx_core.context import ForwardContext, RunContext, StepContext
 from prx_core.denoiser import TrainableModules, build_model, compile_blocks, denoise, export_diffusers
 from prx_core.distributed import (
     DenoiserForward,
+    DistEnv,
     any_rank,
     barrier,
     full_state,
@@ -38,6 +39,7 @@ from prx_core.distributed import (
     is_sharded,
     load_full_state,
     mean_across_ranks,
+    reshard,
     total_grad_norm,
     wrap,
 )
@@ -50,15 +52,17 @@ from prx_core.recipe import Recipe
 from prx_core.rundir import METRICS_FILE, environment, git_sha, truncate_metrics, write_atomic, write_run_files
 from prx_core.sampling import euler_sample
 from prx_core.schedules import lr_multiplier
-from prx_core.seeding import derive_seed, generator_for
+from prx_core.seeding import derive_seed, device_rng_states, generator_for, restore_device_rng
 from prx_core.slots import BatchRequest, EncodingsSource, Guidance
 from prx_core.text_cache import CachedTextEncoder, token_counts
-from prx_core.throughput import count_step_flops, peak_flops, peak_memory_gb
+from prx_core.throughput import count_step_flops, peak_flops, peak_memory_gb, peak_memory_reserved_gb
 from prx_core.towers import (
     DATA_DTYPE,
+    LazyTower,
     batch_images,
     batch_latents,
     batch_text,
+    batch_to_device,
     build_slot,
     build_tower,
     provides_encodings,
@@ -83,9 +87,20 @@ DRIFT_EXEMPT = (
 #: A change to either bumps it and adds the converter from the previous version to
 #: :data:`PAYLOAD_UPGRADES`, so a checkpoint written by an older prx still resumes
 #: (``tests/fixtures/checkpoint_v1`` holds a version-1 checkpoint that must keep resuming bitwise).
-PAYLOAD_VERSION = 1
+PAYLOAD_VERSION = 2
 #: ``version -> convert(parts, meta) -> (parts, meta)`` of ``version + 1``.
 PAYLOAD_UPGRADES: dict[int, Callable[[dict[str, Any], dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]]] = {}
+
+
+def _v1_to_v2(parts: dict[str, Any], meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Version 2 adds ``trainer.log_window``, the sums of the metrics row in progress. A version-1
+    checkpoint did not record them: it resumes with an empty window, so its first logged row
+    averages only the steps after the resume, as version 1 did."""
+    trainer = {**parts["trainer"], "log_window": MetricWindow().state_dict(None)}
+    return {**parts, "trainer": trainer}, meta
+
+
+PAYLOAD_UPGRADES[1] = _v1_to_v2
 #: The parts every payload version so far holds.
 PAYLOAD_PARTS = ("trainable", "optimizer", "scheduler", "trainer", "plugins")
 
@@ -212,6 +227,60 @@ class SpikeDetector:
         self.mean, self.seen, self.count = float(state["mean"]), int(state["seen"]), int(state["count"])
 
 
+class MetricWindow:
+    """The running sums behind the next row of metrics.jsonl: loss and loss terms since the last
+    logged step.
+
+    Saved in every checkpoint, so a run resumed at step 42 with ``log_every = 25`` logs at step 50
+    the mean over steps 26–50, as the run without the interruption does. The saved sums are the
+    means over ranks (the logged value is the mean over ranks of each rank's sum, and a mean is
+    linear), so every rank restores the same numbers.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.loss_sum = torch.zeros(())
+        self.term_sums: dict[str, torch.Tensor] = {}
+
+    def add(self, loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+        """One optimizer step's loss and unweighted loss terms (no host sync: device tensors stay there)."""
+        self.steps += 1
+        self.loss_sum = self.loss_sum.to(loss.device) + loss
+        for name, value in terms.items():
+            previous = self.term_sums.get(name)
+            self.term_sums[name] = (torch.zeros_like(loss) if previous is None else previous.to(loss.device)) + value
+
+    def means(self, dist: DistEnv) -> dict[str, float]:
+        """``loss`` and ``loss/<term>``: the window's means over steps and ranks (a collective)."""
+        means = {"loss": mean_across_ranks(dist, self.loss_sum).item() / self.steps}
+        for name, value in sorted(self.term_sums.items()):
+            means[f"loss/{name}"] = mean_across_ranks(dist, value).item() / self.steps
+        return means
+
+    def state_dict(self, dist: DistEnv | None, device: torch.device | None = None) -> dict[str, Any]:
+        """A collective when ``dist`` is active: every rank calls it, rank 0 saves the answer."""
+
+        def reduced(value: torch.Tensor) -> float:
+            if device is not None:
+                value = value.to(device)  # NCCL reduces device tensors only
+            return float(value.item() if dist is None else mean_across_ranks(dist, value).item())
+
+        return {
+            "steps": self.steps,
+            "loss_sum": reduced(self.loss_sum),
+            "term_sums": {name: reduced(value) for name, value in sorted(self.term_sums.items())},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # float32, the dtype the sums accumulate in, so a resumed window adds up bit for bit.
+        self.steps = int(state["steps"])
+        self.loss_sum = torch.tensor(float(state["loss_sum"]), dtype=torch.float32)
+        self.term_sums = {k: torch.tensor(float(v), dtype=torch.float32) for k, v in state["term_sums"].items()}
+
+
 def _few(names: list[str], limit: int = 4) -> str:
     return ", ".join(names[:limit]) + (f", … (+{len(names) - limit})" if len(names) > limit else "")
 
@@ -239,7 +308,11 @@ class Trainer:
         #: Seconds this rank spent inside ``data.batch`` since the last log step.
         self.data_wait_s = 0.0
         self.spikes = SpikeDetector()
+        self.log_window = MetricWindow()
         self.step = 0
+        #: Step of the last checkpoint started (None after a failed write), and failed writes so far.
+        self.saved_step: int | None = None
+        self.failed_saves = 0
 
     # ------------------------------------------------------------------ setup
 
@@ -273,7 +346,14 @@ class Trainer:
         # Training from precomputed encodings needs no tower for a step: they load on first use.
         towers_lazy = provides_encodings(run.data)
         run.latent_space = build_tower(recipe, run, "latent_space", lazy=towers_lazy)
-        run.text_encoder = CachedTextEncoder(build_tower(recipe, run, "text_encoder", lazy=towers_lazy))
+        text_tower = build_tower(recipe, run, "text_encoder", lazy=towers_lazy)
+        if towers_lazy and (recipe.train.sample_every or recipe.eval.every):
+            # Grids or evaluations during training need both towers: load them now, before the
+            # allocator has sized itself for training and hours before the first grid would.
+            for tower in (run.latent_space, text_tower):
+                if isinstance(tower, LazyTower):
+                    tower.tower()
+        run.text_encoder = CachedTextEncoder(text_tower)
         run.objective = self._build_slot("objective")
         run.router = self._build_slot("router") if "router" in recipe.slots else None
         run.tracker = self._build_slot("tracker")
@@ -295,7 +375,8 @@ class Trainer:
         run.trainable = TrainableModules(model, extras).to(device=device)
         # The optimizer is built after sharding, so FSDP2 hands it the sharded parameters.
         self.forward_module = DenoiserForward(run.trainable, self._forward)
-        self.wrapped = wrap(self.forward_module, self.dist, recipe.train.parallel, device)
+        compute_dtype = getattr(run.precision, "compute_dtype", None)  # FSDP2 all-gathers weights in it
+        self.wrapped = wrap(self.forward_module, self.dist, recipe.train.parallel, device, compute_dtype)
         if recipe.train.compile == "blocks":
             # After wrapping: FSDP2 shards each block first, and its hooks then run around the
             # compiled forward. Parameter names are unchanged, so checkpoints are too.
@@ -368,6 +449,27 @@ class Trainer:
             self._log_handler = handler
 
     def _checkpoint_to_resume(self) -> CheckpointInfo | None:
+        """The checkpoint to resume, hashed once, by rank 0 only; the other ranks get its answer.
+
+        Verifying reads every byte of a checkpoint of ~15 GB: one rank does it, once (``_load``
+        does not verify again), instead of every rank twice.
+        """
+        if not self.dist.active:
+            return self._choose_checkpoint()
+        answer: list[Any] = [None]
+        if self.dist.is_main:
+            try:
+                info = self._choose_checkpoint()
+                answer = [("ok", str(info.path), info.step) if info else ("ok", None, 0)]
+            except (TrainingError, CheckpointError) as err:
+                answer = [("error", str(err), 0)]
+        torch.distributed.broadcast_object_list(answer, src=0)
+        status, value, step = answer[0]
+        if status == "error":
+            raise TrainingError(value)
+        return CheckpointInfo(path=Path(value), step=step) if value is not None else None
+
+    def _choose_checkpoint(self) -> CheckpointInfo | None:
         existing = self.checkpoints.committed()
         if self.resume is None:
             if existing:
@@ -408,8 +510,9 @@ class Trainer:
             self._track(tracker.start, hparams, train.steps, self.step)
         step_flops = self._count_step_flops() if train.count_flops and self.step < train.steps else None
         device_peak = peak_flops(run.device, train.peak_tflops)
-        loss_sum = torch.zeros((), device=run.device)
-        term_sums: dict[str, torch.Tensor] = {}
+        # The loss means cover the whole log window, restored from the checkpoint on a resume;
+        # the rates cover the steps this process timed (window_steps since window_start).
+        window = self.log_window
         window_steps, window_start = 0, time.perf_counter()
         self.data_wait_s = 0.0
         last_loss = math.nan
@@ -421,23 +524,19 @@ class Trainer:
                     break
                 loss, terms, grad_norm = self.train_step(self.step)
                 self.step += 1
-                loss_sum += loss
-                for name, value in terms.items():
-                    term_sums[name] = term_sums.get(name, torch.zeros_like(loss)) + value
+                window.add(loss, terms)
                 window_steps += 1
                 if self.step % train.log_every == 0 or self.step == train.steps:
                     elapsed = time.perf_counter() - window_start
+                    means = window.means(self.dist)
                     metrics: dict[str, float] = {
-                        "loss": mean_across_ranks(self.dist, loss_sum).item() / window_steps,
+                        "loss": means.pop("loss"),
                         "grad_norm": grad_norm.item(),
                         "lr": float(self.scheduler.get_last_lr()[0]),
                         **self._group_learning_rates(),
                         "steps_per_s": window_steps / elapsed,
                         "images_per_s": window_steps * train.global_batch / elapsed,
-                        **{
-                            f"loss/{k}": mean_across_ranks(self.dist, v).item() / window_steps
-                            for k, v in sorted(term_sums.items())
-                        },
+                        **means,  # loss/<term>
                         "batches_per_s": window_steps / elapsed,
                         # Above a few percent, the data source (not the model) limits the speed.
                         "data_wait_fraction": self.data_wait_s / elapsed,
@@ -445,6 +544,9 @@ class Trainer:
                         "nonfinite_skipped": float(self.nonfinite_skipped),
                         "loss_spikes": float(self.spikes.count),
                     }
+                    reserved = peak_memory_reserved_gb(run.device)
+                    if reserved is not None:  # the allocator's cache on top of the allocated peak
+                        metrics["peak_mem_reserved_gb"] = reserved
                     metrics.update(self._data_stats())
                     if step_flops is not None:
                         metrics["tflops_per_s_per_device"] = step_flops * metrics["steps_per_s"] / 1e12
@@ -464,8 +566,7 @@ class Trainer:
                         metrics_file.write(json.dumps({"step": self.step, "time": time.time(), **metrics}) + "\n")
                         metrics_file.flush()
                         self._track(tracker.log_metrics, metrics, self.step)
-                    loss_sum.zero_()
-                    term_sums.clear()
+                    window.reset()
                     window_steps, window_start = 0, time.perf_counter()
                     self.data_wait_s = 0.0
                 if train.sample_every and self.step % train.sample_every == 0 and self.step < train.steps:
@@ -473,11 +574,11 @@ class Trainer:
                 if recipe.eval.every and self.step % recipe.eval.every == 0 and self.step < train.steps:
                     self.evaluate_and_log(self.step)
                 if self.step % train.checkpoint_every == 0 or self.step == train.steps:
-                    self.save()
+                    self.save(background=True)
             if self.stop_requested and self.step < train.steps:
                 logger.warning("stop requested: saving step %d and exiting; resume with --resume auto", self.step)
-                if not self.checkpoints.committed() or self.checkpoints.committed()[-1].step != self.step:
-                    self.save()
+                if any_rank(self.dist, self.saved_step != self.step):
+                    self.save(background=True)
         bad_data = {k: v for k, v in self._data_stats().items() if v}
         if bad_data and main:
             logger.info("data: %s", " ".join(f"{k}={v:g}" for k, v in sorted(bad_data.items())))
@@ -490,6 +591,7 @@ class Trainer:
             self._track(tracker.close)
         if self.tracker_failures:
             logger.warning("the tracker failed %d time(s); metrics.jsonl has the full record", self.tracker_failures)
+        self._finish_checkpoint(last=True)  # the write overlapped the final grid, evaluation and export
         return FitResult(self.step, last_loss, self.run_dir, self.step < train.steps)
 
     def _count_step_flops(self) -> int:
@@ -631,15 +733,18 @@ class Trainer:
         raw = run.require("data").batch(request)
         self.data_wait_s += time.perf_counter() - started
         generator = generator_for(recipe.seed, "step", step, micro, run.rank)
-        images_BCHW = batch_images(raw, run.device)  # the one copy of the pixels (uint8 stays uint8 until there)
-        x0_BCHW = batch_latents(raw, run, generator, images_BCHW)
+        # The batch's one copy (uint8 pixels stay uint8 until there; stored text cut to its longest row).
+        raw, stored_lengths = batch_to_device(raw, run.device, self.pad_multiple, self.empty_length)
+        images_BCHW = batch_images(raw, run.device)
+        eps_draws = device_generator(recipe.seed, "latent_noise", step, micro, run.rank, device=run.device)
+        x0_BCHW = batch_latents(raw, run, generator, images_BCHW, device_draws=eps_draws)
         batch = x0_BCHW.shape[0]
         # Caption dropout is decided on the host, in the CPU stream's order: the flags never go to the
         # device (dropped captions are encoded as "", a cache hit), and the host then knows every row's
         # length, to trim the text and to drop the attention mask when nothing is padded.
         dropped = (torch.rand(batch, generator=generator) < objective.caption_dropout).tolist()
         empty = (*self.empty_prompt, self.empty_length)
-        text_BLD, mask_BL, padded = batch_text(raw, run, dropped, empty, self.pad_multiple)
+        text_BLD, mask_BL, padded = batch_text(raw, run, dropped, empty, self.pad_multiple, stored_lengths)
         # On an accelerator t and ε are drawn there (no copy); on a CPU from the step generator, as always.
         draws = device_generator(recipe.seed, "timesteps", step, micro, run.rank, device=run.device)
         t_B = objective.sample_timesteps(batch, draws or generator, run.device)
@@ -789,6 +894,7 @@ class Trainer:
         prompts = list(sampling.prompts) or self.run.require("data").held_out_captions(sampling.num_prompts)
         size = self.sample_size()
         images = self.generate(prompts, sampling.steps, sampling.cfg, sampling.seed, size)
+        reshard(self.forward_module)
         if not self.dist.is_main:
             return None
         out_dir = self.run_dir / "samples"
@@ -836,15 +942,26 @@ class Trainer:
                 states[key] = obj
         return states
 
-    def save(self) -> CheckpointInfo | None:
-        """Full-state checkpoint, written by rank 0 (gathering sharded state is a collective)."""
+    def save(self, background: bool = False) -> CheckpointInfo | None:
+        """Full-state checkpoint, written by rank 0 (gathering sharded state is a collective).
+
+        ``background`` (what ``fit`` uses): rank 0 copies the state to the CPU, then the writing,
+        hashing, fsync and commit happen in a thread while every rank trains on; the next save,
+        and the end of ``fit``, wait for it. A background save that fails (a full disk) is logged
+        as an error and retried at the next save, the previous checkpoint intact; if the last
+        save of a run fails, ``fit`` raises (see :meth:`_finish_checkpoint`).
+        """
         model_state, optim_state = full_state(self.run.require("trainable"), self.optimizer)
+        log_window = self.log_window.state_dict(self.dist, self.run.device)  # a collective too
+        self.saved_step = self.step
         if not self.dist.is_main:
             barrier(self.dist)
             return None
+        if background:
+            self._finish_checkpoint(last=False)
         rng = {
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": device_rng_states(self.run.device),  # this rank's GPU only: resumable on fewer GPUs
             "python": random.getstate(),
             "numpy": _numpy_rng_state(),
         }
@@ -860,6 +977,7 @@ class Trainer:
                 "data_fingerprint": self.run.require("data").fingerprint,
                 "nonfinite_skipped": self.nonfinite_skipped,
                 "spikes": self.spikes.state_dict(),
+                "log_window": log_window,
             },
             "plugins": {k: v.state_dict() for k, v in sorted(self.plugin_states().items())},
         }
@@ -869,17 +987,51 @@ class Trainer:
             "recipe": self.recipe.resolved(),
             "world_size": self.run.world_size,
         }
-        info = self.checkpoints.save(self.step, parts, meta)
-        logger.info("saved checkpoint %s", info.path)
+        info = self.checkpoints.save(self.step, parts, meta, background=background)
+        self.saved_step = self.step  # a failure of the previous background write reset it
+        if background:
+            logger.info(
+                "checkpoint step %d: state copied in %.2f s, writing in the background",
+                self.step,
+                self.checkpoints.blocking_seconds,
+            )
+        else:
+            logger.info("saved checkpoint %s", info.path)
         barrier(self.dist)
         return info
 
-    def _read_checkpoint(self, info: CheckpointInfo) -> tuple[dict[str, Any], dict[str, Any]]:
-        parts, meta = self.checkpoints.load(info, device="cpu")
+    def _finish_checkpoint(self, last: bool) -> None:
+        """Wait for the background checkpoint write. A failed write (ENOSPC, EIO, quota) left the
+        previous checkpoint valid: logged, and retried by the next save; when no save follows
+        (``last``), training cannot end without its checkpoint, so it is a :class:`TrainingError`."""
+        try:
+            self.checkpoints.wait()
+        except OSError as err:
+            self.failed_saves += 1
+            self.saved_step = None
+            committed = self.checkpoints.committed()
+            kept = f"step {committed[-1].step} ({committed[-1].path})" if committed else "none"
+            if last:
+                raise TrainingError(
+                    f"the last checkpoint could not be written: {err}. The newest valid checkpoint is {kept}; "
+                    "free space and run again with --resume auto"
+                ) from err
+            logger.error(
+                "checkpoint could not be written (%s); the newest valid checkpoint is %s. Training continues "
+                "and the next save retries (%d failed so far)",
+                err,
+                kept,
+                self.failed_saves,
+            )
+        except Exception as err:
+            raise TrainingError(f"writing the checkpoint failed: {err}") from err
+
+    def _read_checkpoint(self, info: CheckpointInfo, verify: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+        parts, meta = self.checkpoints.load(info, device="cpu", verify=verify)
         return upgrade_payload(parts, meta, info.path)
 
     def _load(self, info: CheckpointInfo) -> None:
-        parts, meta = self._read_checkpoint(info)
+        parts, meta = self._read_checkpoint(info, verify=False)  # rank 0 verified it when choosing it
         drift = recipe_drift(meta.get("recipe", {}), self.recipe.resolved())
         saved_world = int(meta.get("world_size", self.run.world_size))
         if saved_world != self.run.world_size:
@@ -901,13 +1053,13 @@ class Trainer:
             obj.load_state_dict(parts["plugins"][key])
         rng = parts["trainer"]["rng"]
         torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_device_rng(list(rng["cuda"]), self.run.device)
         random.setstate(rng["python"])
         np.random.set_state(("MT19937", rng["numpy"]["keys"].numpy().astype(np.uint32), *rng["numpy"]["rest"]))
         self.step = int(parts["trainer"]["step"])
         self.nonfinite_skipped = int(parts["trainer"].get("nonfinite_skipped", 0))
         self.spikes.load_state_dict(parts["trainer"].get("spikes", self.spikes.state_dict()))
+        self.log_window.load_state_dict(parts["trainer"]["log_window"])
         if self.dist.is_main:
             truncate_metrics(self.run_dir / METRICS_FILE, self.step)
         logger.info("resumed from %s at step %d", info.path, self.step)

@@ -236,7 +236,10 @@ class Encoder:
     def batch(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
         import torch
 
-        images_BCHW = torch.stack([item.image_CHW for item in items]).to(self.run.device)
+        from prx_core.transfer import images_to_float, to_device
+
+        # uint8 pixels cross to the device in one copy and become [0, 1] floats there.
+        images_BCHW = images_to_float(to_device(torch.stack([item.image_CHW for item in items]), self.run.device))
         out = {k: v.cpu() for k, v in self.latents(images_BCHW).items()}
         for key in self.caption_keys:
             out[f"text.{key}"], out[f"mask.{key}"] = self.text([item.captions.get(key) for item in items])

@@ -100,7 +100,9 @@ class ImageLimits:
 class Decoded:
     """A decoded image, resized and cropped to the requested size."""
 
-    image_CHW: torch.Tensor  # float32 in [0, 1]
+    #: uint8 pixels: 4× fewer bytes than fp32 to hold, stack and copy; converted to float32 in
+    #: [0, 1] on the device (:func:`prx_core.transfer.images_to_float`).
+    image_CHW: torch.Tensor
     #: Name of the mode conversion applied (a value of :data:`CONVERSIONS`), None for plain RGB.
     converted: str | None
 
@@ -190,11 +192,11 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB PIL image as a float32 ``[3, H, W]`` tensor in [0, 1]."""
+    """An RGB PIL image as a uint8 ``[3, H, W]`` tensor (``images_to_float`` makes it [0, 1] floats)."""
     import torch
 
-    array_HWC = np.array(image, dtype=np.uint8)  # a writable copy, as torch.from_numpy wants
-    return torch.from_numpy(array_HWC).permute(2, 0, 1).to(torch.float32).div_(255.0)
+    array_CHW = np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))
+    return torch.from_numpy(array_CHW)
 
 
 def decode(source: ImageSource, target_hw: tuple[int, int], limits: ImageLimits) -> Decoded:

@@ -77,7 +77,7 @@ class DataQualityError(RuntimeError):
 class LoadedItem:
     """One decoded item: the image fitted to its bucket, and every non-empty caption."""
 
-    image_CHW: torch.Tensor  # float32 in [0, 1], already resized/cropped to bucket_of(index)
+    image_CHW: torch.Tensor  # uint8, already resized/cropped to bucket_of(index)
     captions: dict[str, str]  # every non-empty caption key of this item (overlong ones truncated)
     name: str  # file name or tar key, for error messages
 
@@ -356,6 +356,7 @@ class IndexedSource:
         import torch
 
         from prx_core.slots import RawBatch
+        from prx_core.transfer import images_to_float
 
         self._check_held_out(start, n)
         size = self.config.size
@@ -367,7 +368,8 @@ class IndexedSource:
                 raise DataQualityError(f"{self.kind}: held-out item {self._names[index]!r} no longer decodes: {image}")
             images.append(image.image_CHW)
         return RawBatch(
-            images_BCHW=torch.stack(images),
+            # Evaluation compares these with generated images: float32 in [0, 1], as held_out promises.
+            images_BCHW=images_to_float(torch.stack(images)),
             captions=list(self._held_out_captions[start : start + n]),
             sample_ids=list(indices),
         )

@@ -139,9 +139,10 @@ def _named_by_tiny_recipe() -> set[str]:
 
 
 def _without_plugin(patch: dict[str, Any], plugin: str) -> dict[str, Any]:
-    """The recipe patch with the plugin's own table (or slot choice) removed."""
-    out = {k: v for k, v in patch.items() if k != "plugins"}
-    others = {k: v for k, v in patch.get("plugins", {}).items() if k != plugin}
-    if others:
-        out["plugins"] = others
+    """The recipe patch with the plugin's own table (``[plugins.x]``, ``[metrics.x]``) or slot choice removed."""
+    out = {k: v for k, v in patch.items() if k not in ("plugins", "metrics")}
+    for section in ("plugins", "metrics"):  # additive tables and metric entries are named by their key
+        others = {k: v for k, v in patch.get(section, {}).items() if k != plugin}
+        if others:
+            out[section] = others
     return {k: v for k, v in out.items() if not (isinstance(v, dict) and v.get("use") == plugin)}

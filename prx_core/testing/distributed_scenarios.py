@@ -183,3 +183,39 @@ def _muon_body(rank: int, world: int, root: Path, strategy: str) -> dict[str, ob
     out["compiled_losses"] = run_steps(compiled, 4)
     out["compiled_params"] = _params(compiled).tolist()
     return out
+
+
+def fsdp_eval_scenarios(rank: int, world: int, port: int, workdir: str, strategy: str) -> None:
+    """FSDP2 under ``bf16_mixed``: the mixed-precision policy is applied (weights gathered in bf16,
+    stored and reduced in fp32), and an evaluation whose held-out items split unevenly over the
+    ranks finishes (each rank runs the same number of forwards). Results: ``fsdp_eval_<rank>.json``."""
+    _run_scenario(rank, world, port, Path(workdir) / f"fsdp_eval_{rank}.json", _fsdp_eval_body, strategy)
+
+
+def _fsdp_eval_body(rank: int, world: int, root: Path, strategy: str) -> dict[str, object]:
+    from prx_core.testing.fixtures import make_trainer, run_steps, tiny_recipe
+
+    patch = {
+        "train": {"parallel": strategy, "steps": 4, "checkpoint_every": 100},
+        "precision": {"use": "bf16_mixed"},
+        # 3 items on 2 ranks in chunks of 1: rank 0 runs 2 chunks, rank 1 only 1 without padding.
+        "eval": {"num_samples": 3, "batch": 1},
+    }
+    trainer = make_trainer(tiny_recipe(root / f"recipe_rank{rank}", patch), root / "run")
+    block = trainer.run.require("trainable").model.blocks[0]
+    seen: list[str] = []
+    hook = block.gate_proj.register_forward_pre_hook(lambda module, args: seen.append(str(module.weight.dtype)))
+    losses = run_steps(trainer, 1)
+    hook.remove()
+    results = trainer.evaluate()
+    return {
+        "mp_param_dtype": str(block._get_fsdp_state()._mp_policy.param_dtype),
+        "mp_reduce_dtype": str(block._get_fsdp_state()._mp_policy.reduce_dtype),
+        "weight_dtype_in_forward": seen[0] if seen else "",
+        "stored_dtypes": sorted({str(p.dtype) for p in trainer.run.require("trainable").parameters()}),
+        "grad_dtypes": sorted(
+            {str(p.grad.dtype) for p in trainer.run.require("trainable").parameters() if p.grad is not None}
+        ),
+        "loss": losses[0],
+        "eval_loss": results["eval/loss"],
+    }

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from prx_core.checkpoint import CheckpointManager
+from prx_core.cli import cmd_check
 from prx_core.config import RecipeError
 from prx_core.errors import TrainingError
 from prx_core.recipe import load
@@ -24,12 +25,17 @@ BAD = sorted((Path(__file__).parents[1] / "fixtures" / "bad_recipes").glob("*.to
 
 
 @pytest.mark.parametrize("path", BAD, ids=[p.stem for p in BAD])
-def test_strict_config_corpus(path: Path) -> None:
+def test_strict_config_corpus(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     expected = path.read_text().splitlines()[0].removeprefix("# expect: ")
     with pytest.raises(RecipeError) as err:
         load(path)
     assert expected in str(err.value)
     assert str(path.resolve()) in str(err.value) or "--set" in str(err.value) or "recipe file" in str(err.value)
+    # `prx-run check` refuses it too, with the same one-line message: check and a run's start agree.
+    assert cmd_check([str(path)]) == 1
+    printed = capsys.readouterr()
+    assert printed.err.startswith(f"FAIL {path}\n") and expected in printed.err
+    assert "\n" not in str(err.value) and "0 ok, 1 failed" in printed.out
 
 
 def _poison_step(trainer, at_step: int) -> None:

@@ -105,7 +105,7 @@ def test_check_fills_unset_keys_and_names_the_differing_ones(tmp_path: Path) -> 
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "prx_core.cli", "check", str(wrong)],
+        [sys.executable, "-m", "prx_core.cli", "check", str(only_init), str(wrong)],
         capture_output=True,
         text=True,
         env=env,
@@ -113,6 +113,8 @@ def test_check_fills_unset_keys_and_names_the_differing_ones(tmp_path: Path) -> 
     )
     assert result.returncode == 1
     assert "depth = 3 (checkpoint: 2)" in result.stderr and "hidden_size" not in result.stderr
+    config_file = saved / "transformer" / "config.json"
+    assert f"ok   {only_init}" in result.stdout and f"(architecture agrees with {config_file})" in result.stdout
 
     no_subfolder = recipe_without_model_keys(tmp_path / "c", {"init": str(saved)})
     with pytest.raises(RecipeError, match="subfolder"):
@@ -163,7 +165,8 @@ def test_init_from_a_hub_id_reads_the_local_hub_cache_offline(tmp_path: Path) ->
     save_tiny_prx(repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit, encoding="utf-8")
-    recipe = recipe_without_model_keys(tmp_path / "recipe", {"init": "prx-test/tiny-prx", "subfolder": "transformer"})
+    model = {"init": "prx-test/tiny-prx", "subfolder": "transformer", "revision": commit}
+    recipe = recipe_without_model_keys(tmp_path / "recipe", model)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "prx_core.cli", str(recipe), "--run-dir", "run", "--set", "train.steps=1"],
@@ -177,3 +180,16 @@ def test_init_from_a_hub_id_reads_the_local_hub_cache_offline(tmp_path: Path) ->
     assert "model initialised from prx-test/tiny-prx (subfolder transformer)" in result.stderr
     resolved = (tmp_path / "run" / "recipe.toml").read_text(encoding="utf-8")
     assert "hidden_size = 32" in resolved and 'init = "prx-test/tiny-prx"' in resolved
+    assert f'revision = "{commit}"' in resolved
+
+
+def test_setup_names_the_differing_keys_when_check_could_not(tmp_path: Path) -> None:
+    """Without a local config to compare at load time (here: the run's recipe.toml is gone), the
+    trainer compares the checkpoint's own [model] with the model it built, before loading."""
+    source = make_trainer(tiny_recipe(tmp_path / "source"), tmp_path / "source_run")
+    run_steps(source, 1)
+    source.save()
+    (tmp_path / "source_run" / "recipe.toml").unlink()
+    patch = {"model": {"init": f"run:{tmp_path / 'source_run'}", "depth": 3}}
+    with pytest.raises(TrainingError, match=r"depth = 3 \(checkpoint: 2\)"):
+        make_trainer(tiny_recipe(tmp_path / "b", patch), tmp_path / "b_run")

@@ -257,6 +257,18 @@ def test_training_from_shards_never_loads_the_towers_until_sampling(site: Path, 
     assert trainer.run.latent_space.loaded and trainer.run.text_encoder.encoder.loaded
 
 
+def test_towers_load_at_setup_when_training_samples_or_evaluates(site: Path, vae_dir: Path, tmp_path: Path) -> None:
+    # Grids or evaluations during training need the towers: loaded at setup, not hours into the run.
+    out = tmp_path / "out"
+    precompute(tiny_recipe(tmp_path / "r", _source_patch(vae_dir)), Options(out, shard_size=8))
+    for name, train in (("sampling", {"sample_every": 10}), ("eval", {})):
+        patch = {**_train_patch(vae_dir, out), "train": {"steps": 20, **train}}
+        if name == "eval":
+            patch["eval"] = {"every": 10, "num_samples": 2, "batch": 2}
+        trainer = make_trainer(tiny_recipe(tmp_path / name, patch), tmp_path / f"run-{name}")
+        assert trainer.run.latent_space.loaded and trainer.run.text_encoder.encoder.loaded, name
+
+
 def test_training_from_shards_resumes_bitwise(site: Path, vae_dir: Path, tmp_path: Path) -> None:
     from prx_core.testing.fixtures import parameters_vector
 

@@ -313,7 +313,9 @@ def test_crash_mid_save_keeps_previous_and_is_cleaned_up(
             mgr.save(2, sample_parts(3.0))
 
     stale = [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
-    assert len(stale) == 1
+    # A save that fails before its commit removes its own temp copy (freeing a full disk's space);
+    # one that fails at the rename leaves it to the next save, like a killed process would.
+    assert len(stale) == (0 if crash_point == "commit_marker" else 1)
     # The failed save must not have pruned the previous checkpoint even though keep_last=1.
     assert mgr.committed() == [first]
     assert mgr.latest_valid() == first

@@ -12,6 +12,7 @@ from PIL import Image, ImageFile
 
 from prx_core.data.decode import BadImage, ImageLimits, decode, image_to_tensor, probe, to_rgb
 from prx_core.testing.image_data import CORRUPTIONS, read_manifest, write_image_folder
+from prx_core.transfer import images_to_float
 
 LIMITS = ImageLimits()
 
@@ -30,7 +31,7 @@ def _outcome(path: Path) -> str:
         decoded = decode(path, (64, 96), LIMITS)
     except BadImage as err:
         return f"decode:{err.reason}"
-    assert decoded.image_CHW.shape == (3, 64, 96) and decoded.image_CHW.dtype == torch.float32
+    assert decoded.image_CHW.shape == (3, 64, 96) and decoded.image_CHW.dtype == torch.uint8
     return f"converted/{decoded.converted}" if decoded.converted else "clean"
 
 
@@ -140,8 +141,8 @@ def test_exif_orientation_is_applied_to_size_and_pixels() -> None:
     image_CHW = decode(data, (80, 40), limits).image_CHW
     assert image_CHW.shape == (3, 80, 40)
     top, bottom = image_CHW[:, 5, 20], image_CHW[:, 75, 20]
-    assert top[0] > 0.8 and top[2] < 0.2, top
-    assert bottom[2] > 0.8 and bottom[0] < 0.2, bottom
+    assert top[0] > 204 and top[2] < 51, top  # 0.8 and 0.2 of 255
+    assert bottom[2] > 204 and bottom[0] < 51, bottom
 
 
 def test_decode_resizes_and_crops_to_the_target() -> None:
@@ -150,13 +151,18 @@ def test_decode_resizes_and_crops_to_the_target() -> None:
     image.paste((255, 255, 255), (0, 0, 100, 100))
     image_CHW = decode(_png(image), (50, 50), LIMITS).image_CHW
     assert image_CHW.shape == (3, 50, 50)
-    assert image_CHW[:, :, :20].min() > 0.95 and image_CHW[:, :, 30:].max() < 0.05
+    assert image_CHW[:, :, :20].min() > 242 and image_CHW[:, :, 30:].max() < 13  # 0.95 and 0.05 of 255
 
 
-def test_image_to_tensor_range() -> None:
+def test_image_to_tensor_keeps_uint8_pixels_and_converts_like_the_decoder_did() -> None:
     tensor = image_to_tensor(Image.new("RGB", (3, 2), (255, 0, 51)))
-    assert tensor.shape == (3, 2, 3) and tensor.dtype == torch.float32
-    assert torch.allclose(tensor[:, 0, 0], torch.tensor([1.0, 0.0, 0.2]))
+    assert tensor.shape == (3, 2, 3) and tensor.dtype == torch.uint8 and tensor.is_contiguous()
+    assert tensor[:, 0, 0].tolist() == [255, 0, 51]
+    # On the device it becomes [0, 1] floats: 51 / 255 = 0.2, bit for bit the fp32 division.
+    as_float = images_to_float(tensor)
+    assert as_float.dtype == torch.float32
+    assert as_float[:, 0, 0].tolist() == [1.0, 0.0, torch.tensor(51.0).div(255.0).item()]
+    assert abs(as_float[2, 0, 0].item() - 0.2) < 1e-7
 
 
 def test_garbage_is_undecodable() -> None:

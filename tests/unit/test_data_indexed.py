@@ -85,7 +85,7 @@ def test_batches_are_one_bucket_and_captions_follow_the_weighted_draw() -> None:
     for step in range(8):
         request = req(step)
         batch = source.batch(request)
-        assert batch.images_BCHW.shape[0] == 4 and batch.images_BCHW.dtype == torch.float32
+        assert batch.images_BCHW.shape[0] == 4 and batch.images_BCHW.dtype == torch.uint8
         assert tuple(batch.images_BCHW.shape[2:]) == source.bucket_of(batch.sample_ids[0])
         assert len({source.bucket_of(i) for i in batch.sample_ids}) == 1
         keys = pick_caption_keys(config.caption_weights, 4, generator_for(5, "captions", request.first_sample()))

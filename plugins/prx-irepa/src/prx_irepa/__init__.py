@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INFO",
+    "prx_check_recipe",
     "IrepaConfig",
     "loaded_teacher",
     "prx_build_modules",
@@ -108,20 +109,46 @@ def loaded_teacher(run: RunContext) -> FrozenEncoder:
     return frozen_encoder_for_run(run, INFO.name, run.plugin_config(INFO.name))
 
 
-def check_router_span(router: Any, layer: int, projector: str) -> None:
-    """Refuse, before training, a conv projector on a block that a token router routes.
+def router_span_problem(router: Any, layer: int, projector: str) -> str | None:
+    """Why a conv projector cannot align block ``layer`` under ``router``, or None when it can.
 
-    ``router`` is the run's built token router (or any object with ``start``/``end``), or None.
+    ``router`` is the run's built token router, the recipe's ``[router]`` config, or any object
+    with ``start``/``end``; None when the recipe routes no tokens.
     """
     if projector != "conv" or router is None:
-        return
+        return None
     start, end = getattr(router, "start", None), getattr(router, "end", None)
     if isinstance(start, int) and isinstance(end, int) and start <= layer <= end:
-        raise RecipeError(
-            f"plugins.irepa.layer {layer} is inside the token router's span (blocks {start}..{end}), where blocks "
-            "see only the visible tokens, but the conv projector needs the full token grid; set "
+        return (
+            f"'plugins.irepa.layer' is {layer}, inside the token router's span (blocks {start}..{end}), where "
+            "blocks see only the visible tokens, but the conv projector needs the full token grid; set "
             'plugins.irepa.projector = "attention" or choose a layer outside the routed span'
         )
+    return None
+
+
+def check_router_span(router: Any, layer: int, projector: str) -> None:
+    """Refuse, before training, a conv projector on a block that a token router routes."""
+    problem = router_span_problem(router, layer, projector)
+    if problem:
+        raise RecipeError(problem)
+
+
+@hookimpl
+def prx_check_recipe(recipe: Any) -> list[str]:
+    """``prx-run check`` refuses what setup would: an aligned block past the model's last one, and a
+    conv projector on a block the recipe's token router routes (any router with ``start``/``end``)."""
+    from prx_core.recipe_checks import block_index_problem
+
+    config: IrepaConfig | None = recipe.plugins.get(INFO.name)
+    if config is None:
+        return []
+    router = recipe.slots.get("router")
+    problems = [
+        block_index_problem(f"plugins.{INFO.name}.layer", config.layer, recipe.model.depth),
+        router_span_problem(router.config if router is not None else None, config.layer, config.projector),
+    ]
+    return [p for p in problems if p]
 
 
 @hookimpl

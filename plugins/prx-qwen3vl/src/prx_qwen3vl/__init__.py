@@ -20,7 +20,7 @@ from prx_core.text_encoder_config import HubTextEncoderConfig, build_hub_text_en
 if TYPE_CHECKING:
     from prx_qwen3vl.encoder import Qwen3VLTextEncoder
 
-__all__ = ["INFO", "Qwen3VLEncoderConfig", "prx_register_text_encoders"]
+__all__ = ["INFO", "prx_check_recipe", "Qwen3VLEncoderConfig", "prx_register_text_encoders"]
 
 INFO = PluginInfo(
     name="qwen3vl",
@@ -50,3 +50,26 @@ def _build(config: Qwen3VLEncoderConfig, run: Any) -> Qwen3VLTextEncoder:
 @hookimpl
 def prx_register_text_encoders(registry: Any) -> None:
     registry.register("qwen3vl", _build, Qwen3VLEncoderConfig)
+
+
+@hookimpl
+def prx_check_recipe(recipe: Any) -> list[str]:
+    """``prx-run check`` refuses a ``dim`` the weights do not have, when their ``config.json`` is on
+    this machine (a local directory or the Hugging Face cache); nothing is downloaded."""
+    from prx_core.recipe_checks import model_config_json, text_width_problem
+
+    choice = recipe.slots.get("text_encoder")
+    if choice is None or choice.use != "qwen3vl":
+        return []
+    config: Qwen3VLEncoderConfig = choice.config
+    found = model_config_json(config.path, config.subfolder)
+    if found is None:
+        return []
+    model_config, file = found
+    # A vision-language checkpoint nests the language model's config; a text-only one is flat.
+    if model_config.get("model_type") == "qwen3_vl":
+        model_config = model_config.get("text_config") or {}
+    elif model_config.get("model_type") != "qwen3_vl_text":
+        return []  # not a Qwen3-VL: loading says so with the loader's message
+    problem = text_width_problem("qwen3vl", config.dim, model_config.get("hidden_size"), file)
+    return [problem] if problem else []

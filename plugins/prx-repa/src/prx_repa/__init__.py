@@ -17,7 +17,7 @@ projector in bf16 (reference.md §8); ``projector_dtype = "param"`` stores them 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from prx_core import hookimpl
 from prx_core.config import RecipeError
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INFO",
+    "prx_check_recipe",
     "RepaConfig",
     "loaded_teacher",
     "prx_build_modules",
@@ -101,6 +102,18 @@ def precomputed_width(run: RunContext) -> int | None:
 
     config: RepaConfig = run.plugin_config(INFO.name)
     return precomputed_teacher_width(run, INFO.name, config.encoder)
+
+
+@hookimpl
+def prx_check_recipe(recipe: Any) -> list[str]:
+    """``prx-run check`` refuses an aligned block past the model's last one, as setup would."""
+    from prx_core.recipe_checks import block_index_problem
+
+    config: RepaConfig | None = recipe.plugins.get(INFO.name)
+    if config is None:
+        return []
+    problem = block_index_problem(f"plugins.{INFO.name}.layer", config.layer, recipe.model.depth)
+    return [problem] if problem else []
 
 
 @hookimpl

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from prx_core.context import RunContext
     from prx_sprint.router import SprintRouter
 
-__all__ = ["INFO", "SprintConfig", "prx_build_modules", "prx_register_token_routers"]
+__all__ = ["INFO", "prx_check_recipe", "SprintConfig", "prx_build_modules", "prx_register_token_routers"]
 
 INFO = PluginInfo(
     name="sprint",
@@ -83,6 +83,20 @@ def _build(config: SprintConfig, run: Any) -> SprintRouter:
 @hookimpl
 def prx_register_token_routers(registry: Any) -> None:
     registry.register(INFO.name, _build, SprintConfig)
+
+
+@hookimpl
+def prx_check_recipe(recipe: Any) -> list[str]:
+    """``prx-run check`` refuses a span past the model's last block, as building the router would."""
+    from prx_core.recipe_checks import block_index_problem
+
+    router = recipe.slots.get("router")
+    if router is None or router.use != INFO.name:
+        return []
+    problem = block_index_problem(
+        "router.end", router.config.end, recipe.model.depth, "the routed span start..end is inclusive"
+    )
+    return [problem] if problem else []
 
 
 @hookimpl

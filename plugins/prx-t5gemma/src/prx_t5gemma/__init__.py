@@ -20,7 +20,7 @@ from prx_core.text_encoder_config import HubTextEncoderConfig, build_hub_text_en
 if TYPE_CHECKING:
     from prx_t5gemma.encoder import T5GemmaTextEncoder
 
-__all__ = ["INFO", "T5GemmaEncoderConfig", "prx_register_text_encoders"]
+__all__ = ["INFO", "prx_check_recipe", "T5GemmaEncoderConfig", "prx_register_text_encoders"]
 
 INFO = PluginInfo(
     name="t5gemma",
@@ -50,3 +50,26 @@ def _build(config: T5GemmaEncoderConfig, run: Any) -> T5GemmaTextEncoder:
 @hookimpl
 def prx_register_text_encoders(registry: Any) -> None:
     registry.register("t5gemma", _build, T5GemmaEncoderConfig)
+
+
+@hookimpl
+def prx_check_recipe(recipe: Any) -> list[str]:
+    """``prx-run check`` refuses a ``dim`` the weights do not have, when their ``config.json`` is on
+    this machine (a local directory or the Hugging Face cache); nothing is downloaded."""
+    from prx_core.recipe_checks import model_config_json, text_width_problem
+
+    choice = recipe.slots.get("text_encoder")
+    if choice is None or choice.use != "t5gemma":
+        return []
+    config: T5GemmaEncoderConfig = choice.config
+    found = model_config_json(config.path, config.subfolder)
+    if found is None:
+        return []
+    model_config, file = found
+    # An encoder-decoder checkpoint nests the encoder's config; a bare T5GemmaEncoder's is flat.
+    if model_config.get("model_type") == "t5gemma":
+        model_config = model_config.get("encoder") or {}
+    elif model_config.get("model_type") != "t5_gemma_module":
+        return []  # not a T5Gemma: loading says so with the loader's message
+    problem = text_width_problem("t5gemma", config.dim, model_config.get("hidden_size"), file)
+    return [problem] if problem else []

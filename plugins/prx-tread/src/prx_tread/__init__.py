@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from prx_core.slots import Guidance
     from prx_tread.router import TreadRouter
 
-__all__ = ["INFO", "TreadConfig", "prx_guidance", "prx_register_token_routers"]
+__all__ = ["INFO", "prx_check_recipe", "TreadConfig", "prx_guidance", "prx_register_token_routers"]
 
 INFO = PluginInfo(
     name="tread",
@@ -89,6 +89,20 @@ def _build(config: TreadConfig, run: Any) -> TreadRouter:
 @hookimpl
 def prx_register_token_routers(registry: Any) -> None:
     registry.register(INFO.name, _build, TreadConfig)
+
+
+@hookimpl
+def prx_check_recipe(recipe: Any) -> list[str]:
+    """``prx-run check`` refuses a span past the model's last block, as building the router would."""
+    from prx_core.recipe_checks import block_index_problem
+
+    router = recipe.slots.get("router")
+    if router is None or router.use != INFO.name:
+        return []
+    problem = block_index_problem(
+        "router.end", router.config.end, recipe.model.depth, "the routed span start..end is inclusive"
+    )
+    return [problem] if problem else []
 
 
 @hookimpl
