@@ -77,6 +77,8 @@ class Counts:
     host_to_device: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
     device_to_host: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
     where: list[str] = field(default_factory=list)
+    #: Bytes copied host→device.
+    copied_bytes: int = 0
 
     def by_role(self, table: collections.Counter[tuple[str, str]]) -> collections.Counter[str]:
         out: collections.Counter[str] = collections.Counter()
@@ -185,6 +187,7 @@ class TransferCounter(TorchFunctionMode):
             if isinstance(source, torch.Tensor) and _is_host(source) != _is_host(destination):
                 if _is_host(source):
                     self._count(self.counts.host_to_device, "copy_", "H→D")
+                    self.counts.copied_bytes += source.numel() * source.element_size()
                 else:
                     self._count(self.counts.device_to_host, "copy_", "D→H")
             return func(*args, **kwargs)
@@ -244,6 +247,7 @@ class TransferCounter(TorchFunctionMode):
             _mark_host(out)
         elif not to_host and _is_host(source):
             self._count(self.counts.host_to_device, func.__name__, "H→D")
+            self.counts.copied_bytes += source.numel() * source.element_size()
             out = out.clone() if out is source else out  # a new tensor, not the host one
             out.__dict__.pop(_HOST, None)
         elif _is_host(source):
@@ -251,7 +255,47 @@ class TransferCounter(TorchFunctionMode):
         return out
 
 
-#: The two measured configurations: the tiny recipe as it is, and with TREAD + EMA + Muon.
+def _recipe(directory: Path, patch: dict[str, Any]) -> Any:
+    """The tiny recipe with ``patch``; a ``data`` table in the patch replaces the tiny one whole."""
+    import copy
+
+    from prx_core.recipe import deep_merge, dump_toml, load
+    from prx_core.testing.fixtures import TINY_RECIPE
+
+    table = deep_merge(copy.deepcopy(TINY_RECIPE), {k: v for k, v in patch.items() if k != "data"})
+    table["data"] = patch.get("data", table["data"])
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "recipe.toml").write_text(dump_toml(table), encoding="utf-8")
+    return load(directory / "recipe.toml")
+
+
+def _image_folder(scratch: Path) -> dict[str, Any]:
+    """Decoded JPEG/PNG files: the source hands over uint8 pixels."""
+    from prx_core.testing.image_data import write_image_folder
+
+    root = write_image_folder(scratch / "images", n=24, corrupt=False, seed=0)
+    return {
+        "data": {
+            "use": "image_folder",
+            "root": str(root),
+            "size": 32,
+            "held_out": 4,
+            "index_cache": "off",
+            "caption_weights": {"long": 1.0},
+        }
+    }
+
+
+def _precomputed(scratch: Path) -> dict[str, Any]:
+    """``prx-run precompute`` of that folder: batches of stored latents, text states and masks."""
+    from prx_core.commands.precompute import Options, precompute
+
+    precompute(_recipe(scratch / "source", _image_folder(scratch)), Options(scratch / "shards", dtype="float32"))
+    return {"data": {"use": "precomputed", "path": str(scratch / "shards")}}
+
+
+#: The measured configurations: the tiny recipe as it is (synthetic shapes, rendered as floats), with
+#: TREAD + EMA + Muon, and on decoded image files and on their precomputed encodings.
 CONFIGURATIONS: dict[str, dict[str, Any]] = {
     "flow matching": {},
     "tread + ema + muon": {
@@ -260,6 +304,13 @@ CONFIGURATIONS: dict[str, dict[str, Any]] = {
         "plugins": {"ema": {"decay": 0.99, "every": 1}},
         "optimizer": {"use": "muon", "lr": 1e-3},
     },
+    "image folder (uint8)": {},
+    "precomputed": {},
+}
+#: Configurations whose data is written first, into the run's scratch folder.
+PREPARE: dict[str, Callable[[Path], dict[str, Any]]] = {
+    "image folder (uint8)": _image_folder,
+    "precomputed": _precomputed,
 }
 
 
@@ -309,17 +360,25 @@ def _place_on_simulated_device(trainer: Any) -> None:
 ACCUMULATION = 2
 
 
-def count_step(patch: dict[str, Any], steps: int = 2, accumulation: int = ACCUMULATION) -> tuple[Counts, int]:
-    """Counts over ``steps`` optimizer steps of the tiny recipe with ``patch`` (after one warm step)."""
+def count_step(
+    patch: dict[str, Any],
+    steps: int = 2,
+    accumulation: int = ACCUMULATION,
+    prepare: Callable[[Path], dict[str, Any]] | None = None,
+) -> tuple[Counts, int]:
+    """Counts over ``steps`` optimizer steps of the tiny recipe with ``patch`` (after one warm step);
+    ``prepare(scratch)`` writes the data first and returns its part of the patch."""
     from prx_core.recipe import deep_merge
-    from prx_core.testing.fixtures import make_trainer, tiny_recipe
+    from prx_core.testing.fixtures import make_trainer
 
     patch = deep_merge(
         {"train": {"global_batch": 4, "micro_batch": 4 // accumulation, "steps": steps + 1, "count_flops": False}},
         patch,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = tiny_recipe(Path(tmp) / "recipe", patch)
+        if prepare is not None:
+            patch = deep_merge(patch, prepare(Path(tmp)))
+        recipe = _recipe(Path(tmp) / "recipe", patch)
         trainer = make_trainer(recipe, Path(tmp) / "run")
         trainer.train_step(0)  # warm: optimizer state, text cache, lazily built plugin state
         _place_on_simulated_device(trainer)
@@ -344,15 +403,18 @@ def main() -> int:
 
     print("\n".join(header(torch.device("cpu"))))
     print(f"per optimizer step of the tiny recipe (global batch 4 = 2 micro-steps × 2), mean of {args.steps} steps")
-    print(f"{'configuration':<20} {'H→D copies':>10} {'D→H reads':>10}   by role (H→D | D→H)")
+    print(f"{'configuration':<22} {'H→D copies':>10} {'H→D bytes':>10} {'D→H reads':>10}   by role (H→D | D→H)")
     failed = False
     for name, patch in CONFIGURATIONS.items():
-        counts, steps = count_step(patch, args.steps)
+        counts, steps = count_step(patch, args.steps, prepare=PREPARE.get(name))
         copies, reads = counts.by_role(counts.host_to_device), counts.by_role(counts.device_to_host)
         split = " | ".join(
             ", ".join(f"{k} {v / steps:g}" for k, v in sorted(table.items())) or "-" for table in (copies, reads)
         )
-        print(f"{name:<20} {counts.copies / steps:>10g} {counts.reads / steps:>10g}   {split}")
+        print(
+            f"{name:<22} {counts.copies / steps:>10g} {counts.copied_bytes / steps:>10g} {counts.reads / steps:>10g}"
+            f"   {split}"
+        )
         if args.where:
             for line, n in collections.Counter(counts.where).most_common():
                 print(f"    {n / steps:g}× {line}")

@@ -168,6 +168,9 @@ def main() -> None:
         print(f"{label:<34} {n / 1e6:>7.1f}M {median:>10.1f} {best:>9.1f} {ratio:>20}")
     print()
     print("ratio: torch.optim.Muon's median time on the same parameter set / this row's (> 1: faster)")
+    # One line for bench/gpu_check.sh's summary block.
+    rows = [f"{label} {results[label][0]:.1f} ms" for label, _, _ in candidates]
+    print("summary optimizer: " + "; ".join(rows))
 
 
 if __name__ == "__main__":

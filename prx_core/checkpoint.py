@@ -14,6 +14,14 @@ state into two halves instead:
 Neither half can run code when read, so a checkpoint from an untrusted source is at worst *wrong*, never
 *dangerous*.
 
+Off the critical path
+---------------------
+Every byte is hashed (sha256) as it is written, so the manifest's digests cost no second read of
+a 15 GB checkpoint. ``save(..., background=True)`` copies the tensors to the CPU and hands the
+writing, fsync, commit and pruning to a thread; :meth:`CheckpointManager.wait` (called by the next
+save) joins it and raises its error, if any. A failed write (e.g. ``ENOSPC``) removes its partial
+temp directory, so the previous checkpoint stays the newest valid one and the space is freed.
+
 Crash safety
 ------------
 A checkpoint directory becomes visible under its final name only through a single ``os.rename`` that
@@ -574,6 +582,7 @@ class CheckpointManager:
         self.root = Path(root)
         self.keep_last = keep_last
         self._writer: threading.Thread | None = None
+        self._pending: CheckpointInfo | None = None
         self._error: BaseException | None = None
         #: Seconds the last save took from its call to its commit, and how long its caller was blocked.
         self.write_seconds = 0.0
@@ -633,17 +642,21 @@ class CheckpointManager:
 
         # Not a daemon: an interpreter that exits (or a run that crashes) finishes the write first.
         self._writer = threading.Thread(target=write, name=f"checkpoint-{step}")
+        self._pending = info
         self._writer.start()
         return info
 
-    def wait(self) -> None:
-        """Block until a background save is committed; raise its error if it failed."""
+    def wait(self) -> CheckpointInfo | None:
+        """Block until a background save is committed and return it (None if none was pending);
+        raise its error if it failed."""
         writer, self._writer = self._writer, None
+        pending, self._pending = self._pending, None
         if writer is not None:
             writer.join()
         error, self._error = self._error, None
         if error is not None:
             raise error
+        return pending
 
     @property
     def pending(self) -> bool:

@@ -2,6 +2,8 @@
 
     prx-run RECIPE [--set KEY=VALUE ...] [--run-dir DIR] [--resume auto|PATH] [--allow-drift]
     prx-run check PATH [PATH ...] [--set KEY=VALUE ...]
+    prx-run show RECIPE [--set KEY=VALUE ...]
+    prx-run diff A B
     prx-run plugins [-v | --json] [--hook HOOK]
     prx-run new-plugin NAME --kind KIND [--dir DIR]
     prx-run sample RUN_DIR --prompt TEXT [--prompt TEXT ...] [--steps N --cfg S --seed N --size PX]
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prx_core.config import RecipeError
+from prx_core.config import RecipeError, suggest
 
 if TYPE_CHECKING:  # torch-free import of the CLI: the trainer is imported where it is used
     from prx_core.trainer import Trainer
@@ -36,7 +38,10 @@ def _train_parser() -> argparse.ArgumentParser:
         epilog=commands_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("recipe", type=Path, help="recipe TOML file")
+    parser.add_argument(
+        "recipe",
+        help="recipe: a TOML file, pkg:PACKAGE/PATH, ep:NAME/PATH, an https:// URL or hf://OWNER/REPO/PATH[@REV]",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -62,7 +67,9 @@ def _train_parser() -> argparse.ArgumentParser:
 
 def _check_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prx-run check", description="Validate recipes without building models.")
-    parser.add_argument("paths", nargs="+", type=Path, help="recipe files or folders (searched for *.toml)")
+    parser.add_argument(
+        "paths", nargs="+", help="recipe files or folders (searched for *.toml), or pkg:/ep:/URL/hf:// references"
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument(
         "--memory",
@@ -174,13 +181,17 @@ def cmd_plugins(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _recipe_files(paths: list[Path]) -> list[Path]:
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files.extend(sorted(path.rglob("*.toml")))
+def _recipe_files(paths: list[str]) -> list[Path | str]:
+    from prx_core.recipe_sources import is_remote
+
+    files: list[Path | str] = []
+    for ref in paths:
+        if is_remote(ref):
+            files.append(ref)
+        elif Path(ref).is_dir():
+            files.extend(sorted(Path(ref).rglob("*.toml")))
         else:
-            files.append(path)
+            files.append(Path(ref))
     return files
 
 
@@ -239,6 +250,7 @@ def cmd_train(argv: list[str]) -> int:
 
     from prx_core.distributed import shutdown
     from prx_core.errors import TrainingError
+    from prx_core.runlock import release_all
     from prx_core.trainer import Trainer
 
     run_dir = args.run_dir or Path("runs") / recipe.name
@@ -265,6 +277,7 @@ def cmd_train(argv: list[str]) -> int:
     finally:
         # Drop the trainer, so shutdown() frees its DDP/FSDP wrappers before leaving the group.
         trainer = None
+        release_all()  # the run directory's lock, also after an error
         shutdown(finished)
     if not is_main:
         return 0
@@ -528,6 +541,8 @@ COMMAND_TABLE: dict[str, tuple[str, Callable[[list[str]], int] | str]] = {
     "ablate": ("train several recipes over several seeds, resuming what is left", "ablate"),
     "report": ("compare runs grouped by recipe: tables, plots, differences with intervals", "report"),
     "new-plugin": ("write a plugin package skeleton that installs and passes its tests", "new_plugin"),
+    "show": ("print a resolved recipe with the file (or --set) that set each key", "show"),
+    "diff": ("print the resolved difference of two recipes or run directories, one key per line", "diff"),
 }
 #: ``prx-run <command>`` → module in :mod:`prx_core.commands` (the table's rows with a module name).
 EXTERNAL_COMMANDS = {name: handler for name, (_, handler) in COMMAND_TABLE.items() if isinstance(handler, str)}
@@ -548,6 +563,16 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(handler, str):
             handler = importlib.import_module(f"prx_core.commands.{handler}").main
         return int(handler(argv[1:]))
+    word = argv[0] if argv else ""
+    if word[:1].isalpha() and word.replace("-", "").isalpha() and word.islower() and not Path(word).exists():
+        # A bare lowercase word that is neither a command nor a file (a recipe reference has a
+        # '.', '/' or ':'): most likely a mistyped command.
+        print(
+            f"prx-run: unknown command '{word}'{suggest(word, COMMAND_TABLE)} "
+            "(a recipe is a .toml file; prx-run --help lists the commands)",
+            file=sys.stderr,
+        )
+        return 2
     return cmd_train(argv)
 
 

@@ -15,7 +15,9 @@ goes to the memory-efficient kernel (or cuDNN). The trainer therefore passes ``m
 when no row of the batch is padded, and cuts the text to the batch's longest caption rounded up
 to ``[text_encoder] pad_multiple`` (64 by default) so that little padding is left to mask; the
 result equals the untrimmed one up to rounding. ``tests/unit/test_text_trim.py`` asks the
-installed torch for the flash rule with fake CUDA tensors, and checks both equalities.
+installed torch for the flash rule with fake CUDA tensors, and checks both equalities. Under
+``train.compile = "blocks"`` each text length (at most ``max_length / pad_multiple`` of them) and
+the unmasked call are further graphs; dynamo makes the length dynamic after its first change.
 
 :func:`compile_blocks` is ``train.compile = "blocks"``: regional compilation of each transformer
 block in place, so parameter names, checkpoints and exports do not change.

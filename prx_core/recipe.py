@@ -1,7 +1,14 @@
 """Recipes: TOML files that choose and parameterise plugins.
 
 * ``extends = "parent.toml"`` names a single parent (relative to the file). Tables deep-merge;
-  lists and scalars are replaced.
+  lists and scalars are replaced. A recipe (and its parent) may also live in an installed package,
+  at a URL or on the Hugging Face Hub (:mod:`prx_core.recipe_sources`); each file read is recorded
+  with its sha256 (:attr:`Recipe.sources`, written to run.json).
+* Top-level ``remove = ["metrics.shapes_adherence", "plugins.ema"]`` drops tables (or keys) the
+  recipe inherited, before its own tables merge over the parent's, so ``remove`` plus a fresh
+  table replaces an inherited table whole.
+* ``[requires]`` maps distributions to version specifiers (``"prx-tread" = ">=0.1"``); a missing
+  or mismatched one is refused with the ``pip install`` line that fixes it.
 * Every table binds strictly to a frozen dataclass (:mod:`prx_core.config`): core's own
   sections below, each slot entry's ``Config`` and each ``[plugins.<name>]`` plugin's ``Config``.
 * ``--set a.b=value`` overrides go through the same merge and the same validation, and are
@@ -12,8 +19,8 @@
   ``prx_check_recipe(recipe)`` (block indices against ``model.depth``, text widths). ``prx-run
   check`` and the start of a run both go through it, so ``check`` refuses what a run would.
 
-Python's ``tomllib`` (TOML 1.0) reads recipes; :func:`dump_toml` writes the resolved recipe back
-in a form ``tomllib`` reads.
+``tomli`` (TOML 1.1: multi-line inline tables) reads recipes; :func:`dump_toml` writes the resolved
+recipe back as TOML 1.0, which both ``tomli`` and Python's ``tomllib`` read.
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ import dataclasses
 import json
 import math
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import tomli
+
+from prx_core import recipe_sources
 from prx_core.config import RecipeError, bind, suggest, to_table
 from prx_core.finetune import agree_with_init
 from prx_core.plugins import ActivePlugins, activate
@@ -114,6 +123,9 @@ class TrainConfig:
     count_flops: bool = True
     #: Peak FLOP/s of one device in TFLOP/s for MFU; None: known GPUs' bf16 peak, no MFU on CPU.
     peak_tflops: float | None = None
+    #: CUDA: deterministic kernels only (``torch.use_deterministic_algorithms``), so a resumed run
+    #: repeats an uninterrupted one bitwise on the same GPU and software; slower (README, "Determinism").
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "log_every", "checkpoint_every"):
@@ -202,6 +214,8 @@ CORE_SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
 }
 TOP_LEVEL_SCALARS = ("name", "seed", "description", "extends", "reference")
+#: Top-level keys besides the scalars and the tables: ``remove`` is consumed while loading.
+TOP_LEVEL_TABLES = ("requires",)
 #: Slot defaults: core's builtins (core features are plugins too). Slots without a default must be chosen.
 SLOT_DEFAULTS: dict[str, str | None] = {
     "latent_space": "pixel",
@@ -240,7 +254,8 @@ class Recipe:
     slots: dict[str, SlotChoice]
     metrics: dict[str, SlotChoice]
     plugins: dict[str, Any]
-    source: Path | None
+    #: The recipe named first: a local path, or a pkg:/ep:/URL/hf:// reference.
+    source: Path | str | None
     overrides: list[str]
     active: ActivePlugins = field(repr=False)
     #: ``[[stages]]``: consecutive parts of one run, each with its own effective recipe (empty: one stage).
@@ -249,6 +264,10 @@ class Recipe:
     stage_tables: list[dict[str, Any]] = field(default_factory=list, repr=False)
     #: The reference.md §5 row this recipe reproduces (a key of :data:`prx_core.published.PUBLISHED`), or "".
     reference: str = ""
+    #: ``[requires]`` as written: distribution -> version specifier ("" for any version).
+    requires: dict[str, str] = field(default_factory=dict)
+    #: Every file read, the recipe named first: ``{"source": ref, "sha256": hex[, "commit": sha]}``.
+    sources: list[dict[str, str]] = field(default_factory=list)
 
     def slot_config(self, slot: str) -> Any:
         return self.slots[slot].config
@@ -276,6 +295,33 @@ class Recipe:
         if self.stage_tables:
             out["stages"] = [dict(t) for t in self.stage_tables]
         return out
+
+    def used_requires(self) -> dict[str, str]:
+        """``[requires]`` filled from the installed plugins this recipe uses (``">=<installed>"``).
+
+        The recipe's own specifiers are kept; a used plugin distribution it does not name is added
+        with its installed version as the lower bound. Core's builtins need no entry.
+        """
+        from prx_core.plugins import installed_plugins
+
+        installed = installed_plugins()
+        used = {c.plugin for c in self.slots.values()} | {c.plugin for c in self.metrics.values()} | set(self.plugins)
+        requires = dict(self.requires)
+        for name in sorted(used - self.active.builtin):
+            plugin = installed.get(name)
+            if plugin is not None and plugin.distribution != "?" and plugin.distribution not in requires:
+                requires[plugin.distribution] = f">={plugin.version}"
+        return dict(sorted(requires.items()))
+
+    def shared(self) -> dict[str, Any]:
+        """:meth:`resolved` with ``[requires]`` filled (:meth:`used_requires`): what a run directory's
+        recipe.toml holds, and what ``prx-run show`` and ``prx-run diff`` compare."""
+        out = self.resolved()
+        requires = self.used_requires()
+        if not requires:
+            return out
+        head: dict[str, Any] = {k: out.pop(k) for k in ("name", "seed", "description", "reference") if k in out}
+        return {**head, "requires": requires, **out}
 
 
 @dataclass
@@ -307,8 +353,19 @@ class RawRecipe:
 
     data: dict[str, Any]
     origin: dict[str, str]
-    source: Path | None
+    source: Path | str | None
     overrides: list[str] = field(default_factory=list)
+    #: The files read, the recipe named first (see :attr:`Recipe.sources`).
+    sources: list[dict[str, str]] = field(default_factory=list)
+
+    def most_derived(self, *keys: str) -> str:
+        """Of the sources of ``keys``, the one closest to the recipe named first (``--set`` first of all).
+
+        A conflict between two keys is the doing of the file that came last in the ``extends``
+        chain: a child that switches the latent space over a parent's ``in_channels``.
+        """
+        rank = {OVERRIDE_SOURCE: -1, **{entry["source"]: i for i, entry in enumerate(self.sources)}}
+        return min((self.where(k) for k in keys), key=lambda src: rank.get(src, len(rank)))
 
     def where(self, dotted: str) -> str:
         """Source of a dotted key, falling back to its nearest parent table, then the leaf file."""
@@ -364,28 +421,53 @@ def merge_recipe(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]
     return merged
 
 
-def load_raw(path: str | Path, _chain: tuple[Path, ...] = ()) -> RawRecipe:
-    path = Path(path).resolve()
-    if path in _chain:
-        cycle = " -> ".join(str(p) for p in (*_chain, path))
-        raise RecipeError(f"{path}: 'extends' forms a cycle: {cycle}")
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
+def load_raw(path: str | Path, _chain: tuple[str, ...] = ()) -> RawRecipe:
+    """Read a recipe and its ``extends`` chain (a local path or a :mod:`prx_core.recipe_sources` reference)."""
+    ref = str(path) if recipe_sources.is_remote(str(path)) else str(Path(path).resolve())
+    if ref in _chain:
+        raise RecipeError(f"{ref}: 'extends' forms a cycle: {' -> '.join((*_chain, ref))}")
+    text = recipe_sources.read(ref)
     try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as err:
-        raise RecipeError(f"{path}: invalid TOML: {err}") from err
+        data = tomli.loads(text.data.decode("utf-8"))
+    except (tomli.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise RecipeError(f"{ref}: invalid TOML: {err}") from err
     parent = data.pop("extends", None)
+    remove = data.pop("remove", None)
     origin: dict[str, str] = {}
     merged: dict[str, Any] = {}
+    sources = [text.record()]
     if parent is not None:
         if not isinstance(parent, str):
-            raise RecipeError(f"{path}: 'extends' must be a path string, got {parent!r}")
-        base = load_raw(path.parent / parent, (*_chain, path))
+            raise RecipeError(f"{ref}: 'extends' must be a path or reference string, got {parent!r}")
+        base = load_raw(recipe_sources.join(text, parent), (*_chain, ref))
         merged, origin = base.data, dict(base.origin)
-    _record(origin, data, str(path))
-    return RawRecipe(merge_recipe(merged, data), origin, path)
+        sources += base.sources
+    if remove is not None:
+        merged = _remove_inherited(merged, origin, remove, ref, parent is not None)
+    _record(origin, data, ref)
+    return RawRecipe(merge_recipe(merged, data), origin, text.path or ref, sources=sources)
+
+
+def _remove_inherited(
+    merged: dict[str, Any], origin: dict[str, str], remove: Any, ref: str, has_parent: bool
+) -> dict[str, Any]:
+    """Top-level ``remove``: the dotted tables (or keys) dropped from what the parent gave."""
+    if not isinstance(remove, list) or not all(isinstance(r, str) and r for r in remove):
+        raise RecipeError(f"{ref}: 'remove' must be a list of dotted table names, got {remove!r}")
+    if not has_parent:
+        raise RecipeError(f"{ref}: 'remove' drops inherited tables, but this recipe has no 'extends'")
+    data = dict(merged)
+    for dotted in remove:
+        parts = dotted.split(".")
+        parent: Any = data
+        for part in parts[:-1]:
+            parent = parent.get(part) if isinstance(parent, Mapping) else None
+        if not isinstance(parent, Mapping) or parts[-1] not in parent:
+            raise RecipeError(f"{ref}: cannot remove '{dotted}': the parent recipe has no such table")
+        del _copy_path(data, parts[:-1])[parts[-1]]
+        for key in [k for k in origin if k == dotted or k.startswith(dotted + ".")]:
+            del origin[key]
+    return data
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -395,8 +477,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise RecipeError(f"{OVERRIDE_SOURCE}: expected KEY=VALUE with a dotted key, got {text!r}")
     try:
-        value = tomllib.loads(f"v = {value_text.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+        value = tomli.loads(f"v = {value_text.strip()}")["v"]
+    except tomli.TOMLDecodeError:
         value = value_text.strip()
     return key.split("."), value
 
@@ -436,14 +518,19 @@ def apply_overrides(raw: RawRecipe, overrides: list[str]) -> RawRecipe:
         for part in reversed(parts[:-1]):
             patch = {part: patch}
         _record(origin, patch, OVERRIDE_SOURCE)
-    return RawRecipe(data, origin, raw.source, [*raw.overrides, *overrides])
+    return RawRecipe(data, origin, raw.source, [*raw.overrides, *overrides], raw.sources)
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    return load_with_origins(path, overrides)[0]
+
+
+def load_with_origins(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, RawRecipe]:
+    """The validated recipe and the merged tables it came from (with every key's source)."""
     raw = load_raw(path)
     if overrides:
         raw = apply_overrides(raw, overrides)
-    return validate(raw)
+    return validate(raw), raw
 
 
 # --------------------------------------------------------------------------- validation
@@ -464,14 +551,16 @@ def validate(raw: RawRecipe) -> Recipe:
     base_data = {k: v for k, v in raw.data.items() if k != "stages"}
     tables = _check_stage_tables(raw, stage_tables)
     total = sum(int(t["steps"]) for t in tables)
-    base_raw = RawRecipe(deep_merge(base_data, {"train": {"steps": total}}), raw.origin, raw.source, raw.overrides)
+    base_raw = RawRecipe(
+        deep_merge(base_data, {"train": {"steps": total}}), raw.origin, raw.source, raw.overrides, raw.sources
+    )
     recipe = _validate_single(base_raw)
     first = 0
     for index, table in enumerate(tables):
         last = first + int(table["steps"])
         effective = _stage_data(base_data, table, raw, index)
         effective = deep_merge(effective, {"train": {"steps": last}})
-        stage_raw = RawRecipe(effective, raw.origin, raw.source, raw.overrides)
+        stage_raw = RawRecipe(effective, raw.origin, raw.source, raw.overrides, raw.sources)
         try:
             stage_recipe = _validate_single(stage_raw)
         except RecipeError as err:
@@ -550,7 +639,7 @@ def _copy_path(data: dict[str, Any], parts: list[str]) -> dict[str, Any]:
 
 
 def _validate_single(raw: RawRecipe) -> Recipe:
-    allowed = (*TOP_LEVEL_SCALARS, *CORE_SECTIONS, *RECIPE_SLOTS, "plugins", "metrics")
+    allowed = (*TOP_LEVEL_SCALARS, *TOP_LEVEL_TABLES, *CORE_SECTIONS, *RECIPE_SLOTS, "plugins", "metrics")
     for key in raw.data:
         if key not in allowed:
             raise RecipeError(f"{raw.where(key)}: unknown key '{key}'{suggest(key, allowed)}")
@@ -566,13 +655,12 @@ def _validate_single(raw: RawRecipe) -> Recipe:
     if not isinstance(description, str):
         raise RecipeError(f"{raw.where('description')}: 'description' must be a string")
     reference = _reference(raw)
+    requires = check_requires(raw)
 
     tables = {s: _table(raw, s) for s in CORE_SECTIONS}
     # [model] init: the checkpoint's config fills the unset architecture keys and must match the set ones.
     tables["model"] = agree_with_init(tables["model"], config_fields(ModelConfig), raw.where)
-    sections: dict[str, Any] = {
-        s: bind(cls, tables[s], prefix=s, where=raw.where) for s, cls in CORE_SECTIONS.items()
-    }
+    sections: dict[str, Any] = {s: bind(cls, tables[s], prefix=s, where=raw.where) for s, cls in CORE_SECTIONS.items()}
 
     choices: dict[str, str] = {}
     for slot in RECIPE_SLOTS:
@@ -595,6 +683,7 @@ def _validate_single(raw: RawRecipe) -> Recipe:
         if not isinstance(mtable, Mapping):
             raise RecipeError(f"{raw.where('metrics.' + mname)}: 'metrics.{mname}' must be a table")
 
+    _check_named_plugins_installed(raw, choices, plugin_tables, metric_tables)
     active = activate(choices, plugin_tables, where=str(raw.source or "recipe"), metric_names=list(metric_tables))
 
     slots: dict[str, SlotChoice] = {}
@@ -640,6 +729,8 @@ def _validate_single(raw: RawRecipe) -> Recipe:
         source=raw.source,
         overrides=list(raw.overrides),
         active=active,
+        requires=requires,
+        sources=list(raw.sources),
     )
     check_compatibility(recipe, raw)
     return recipe
@@ -663,6 +754,77 @@ def _reference(raw: RawRecipe) -> str:
         except KeyError as err:
             raise RecipeError(f"{raw.where('reference')}: 'reference': {err.args[0]}") from None
     return reference
+
+
+def pip_line(requirements: list[str]) -> str:
+    return "pip install " + " ".join(f'"{r}"' for r in requirements)
+
+
+def check_requires(raw: RawRecipe) -> dict[str, str]:
+    """``[requires]``: distribution -> version specifier. Every one must be installed and match.
+
+    All the problems are reported at once, with one ``pip install`` line that fixes them.
+    """
+    from importlib import metadata
+
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+    from packaging.utils import InvalidName, canonicalize_name
+    from packaging.version import InvalidVersion, Version
+
+    table = _table(raw, "requires")
+    requires: dict[str, str] = {}
+    problems: list[str] = []
+    fixes: list[str] = []
+    bad: list[str] = []
+    for dist, spec in table.items():
+        key = f"requires.{dist}"
+        if not isinstance(spec, str):
+            raise RecipeError(f"{raw.where(key)}: '{key}' must be a version specifier string such as \">=0.1\"")
+        try:
+            canonicalize_name(dist, validate=True)
+            specifier = SpecifierSet(spec)
+        except (InvalidName, InvalidSpecifier) as err:
+            raise RecipeError(f"{raw.where(key)}: '{key}': {err}") from None
+        requires[dist] = spec
+        try:
+            installed = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            problems.append(f"{dist}{spec} is not installed")
+            fixes.append(f"{dist}{spec}")
+            bad.append(dist)
+            continue
+        try:
+            matches = specifier.contains(Version(installed), prereleases=True)
+        except InvalidVersion:
+            matches = False
+        if not matches:
+            problems.append(f"{dist}{spec} is required but {dist} {installed} is installed")
+            fixes.append(f"{dist}{spec}")
+            bad.append(dist)
+    if problems:
+        where = raw.where(f"requires.{bad[0]}")
+        raise RecipeError(f"{where}: {'; '.join(problems)}; install with: {pip_line(fixes)}")
+    return requires
+
+
+def _check_named_plugins_installed(
+    raw: RawRecipe, choices: dict[str, str], plugin_tables: Mapping[str, Any], metric_tables: Mapping[str, Any]
+) -> None:
+    """A named entry that a known plugin package provides, but which is not installed: the pip line."""
+    from prx_core.plugin_index import KNOWN_PLUGIN_DISTRIBUTIONS
+    from prx_core.plugins import installed_plugins
+
+    named = [(f"{slot}.use", use) for slot, use in choices.items()]
+    named += [(f"plugins.{name}", name) for name in plugin_tables]
+    named += [(f"metrics.{name}", name) for name in metric_tables]
+    installed = installed_plugins()
+    for key, name in named:
+        dist = KNOWN_PLUGIN_DISTRIBUTIONS.get(name)
+        if dist is not None and name not in installed:
+            raise RecipeError(
+                f"{raw.where(key)}: '{key}' names '{name}', which the plugin package {dist} provides, and {dist} "
+                f"is not installed; install with: {pip_line([dist])}"
+            )
 
 
 def capabilities(recipe: Recipe) -> set[str]:
@@ -691,23 +853,25 @@ def check_compatibility(recipe: Recipe, raw: RawRecipe) -> None:
 
     latent = recipe.slot_config("latent_space")
     if latent.channels != recipe.model.in_channels:
+        where, (a, b) = _conflict(raw, "model.in_channels", "latent_space.use")
         raise RecipeError(
-            f"{raw.where('model.in_channels')}: 'model.in_channels' is {recipe.model.in_channels} but latent "
-            f"space '{recipe.slots['latent_space'].use}' produces {latent.channels} channels"
+            f"{where}: 'model.in_channels' is {recipe.model.in_channels}{a} but latent "
+            f"space '{recipe.slots['latent_space'].use}'{b} produces {latent.channels} channels"
         )
     text_dim = recipe.slot_config("text_encoder").dim
     if recipe.model.context_in_dim is not None and recipe.model.context_in_dim != text_dim:
+        where, (a, b) = _conflict(raw, "model.context_in_dim", "text_encoder.use")
         raise RecipeError(
-            f"{raw.where('model.context_in_dim')}: 'model.context_in_dim' is {recipe.model.context_in_dim} but "
-            f"text encoder '{recipe.slots['text_encoder'].use}' produces {text_dim}-d states; leave it unset"
+            f"{where}: 'model.context_in_dim' is {recipe.model.context_in_dim}{a} but "
+            f"text encoder '{recipe.slots['text_encoder'].use}'{b} produces {text_dim}-d states; leave it unset"
         )
     size = getattr(recipe.slot_config("data"), "size", None)
     if size is not None:
         factor = latent.spatial_compression * recipe.model.patch_size
         if size % factor:
+            where, (a, b, c) = _conflict(raw, "data.size", "latent_space.use", "model.patch_size")
             raise RecipeError(
-                f"{raw.where('data.size')}: image size {size} is not divisible by latent compression × patch "
-                f"size = {factor}"
+                f"{where}: image size {size}{a} is not divisible by latent compression{b} × patch size{c} = {factor}"
             )
     micro, batch = recipe.train.micro_batch, recipe.train.global_batch
     if micro is not None and batch % micro:
@@ -717,6 +881,20 @@ def check_compatibility(recipe: Recipe, raw: RawRecipe) -> None:
             "(global_batch = micro_batch × accumulation steps × world size)"
         )
     check_plugins(recipe, raw)
+
+
+def _conflict(raw: RawRecipe, *keys: str) -> tuple[str, list[str]]:
+    """Where to report a conflict between ``keys``, and a "(set in FILE)" note per key.
+
+    The error is reported against the file that made the latest conflicting choice (the child that
+    switched the latent space, not the parent that set ``in_channels``). When the keys come from
+    different files, each is named next to its key; when they all come from one, the prefix says it.
+    """
+    where = raw.most_derived(*keys)
+    sources = [raw.where(k) for k in keys]
+    if len(set(sources)) == 1:
+        return where, ["" for _ in keys]
+    return where, [f" (set in {src})" for src in sources]
 
 
 #: A ``prx_check_recipe`` message that starts with a quoted recipe key: ``'router.end' is 9, ...``.

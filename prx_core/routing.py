@@ -35,9 +35,10 @@ def visible_count(length: int, ratio: float) -> int:
 def choose_visible(batch: int, length: int, ratio: float, generator: torch.Generator) -> torch.Tensor:
     """Per sample, a uniformly random subset of :func:`visible_count` token indices, sorted: [B, K] int64.
 
-    The draw happens on the generator's device (the core hands routers CPU generators keyed by
-    seed, step, micro-step and rank), so the route does not depend on where the model runs; move
-    the result to the tokens' device afterwards.
+    The draw happens on the generator's device. In training the core hands routers a generator
+    keyed by seed, step, micro-step and rank on the tokens' device (a device generator on a GPU,
+    so no index crosses from the host mid-forward; the CPU one on a CPU); other callers move the
+    result to the tokens' device afterwards.
     """
     keep = visible_count(length, ratio)
     if keep == length:

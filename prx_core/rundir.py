@@ -2,8 +2,10 @@
 
 Layout::
 
-    <run_dir>/recipe.toml       resolved recipe (every default filled in; `prx-run` re-runs it)
-    <run_dir>/run.json          plugins and versions, git SHA, environment, command, overrides
+    <run_dir>/recipe.toml       resolved recipe (every default filled in, [requires] filled from the
+                                plugins used; `prx-run` re-runs it)
+    <run_dir>/run.json          plugins and versions, recipe sources and their sha256, git SHA,
+                                environment, command, overrides
     <run_dir>/train.log         the log
     <run_dir>/metrics.jsonl     one JSON object per logged step
     <run_dir>/samples/          sample grids (PNG) and their prompts
@@ -81,11 +83,14 @@ def write_run_files(run_dir: Path, recipe: Recipe, command: list[str]) -> None:
         header += f"\nSource: {recipe.source}"
     if recipe.overrides:
         header += "\nOverrides: " + " ".join(recipe.overrides)
-    write_atomic(run_dir / RECIPE_FILE, dump_toml(recipe.resolved(), header=header))
+    write_atomic(run_dir / RECIPE_FILE, dump_toml(recipe.shared(), header=header))
     info = {
         "name": recipe.name,
         "source": str(recipe.source) if recipe.source else None,
         "overrides": recipe.overrides,
+        # Each file the recipe was read from (the recipe first, then its parents) and its sha256:
+        # a resume checks them (prx_core.trainer), prx-run diff compares the resolved recipes.
+        "recipe_sources": recipe.sources,
         "command": command,
         "plugins": recipe.active.versions_table(),
         "slots": {slot: {"use": c.use, "plugin": c.plugin} for slot, c in recipe.slots.items()},

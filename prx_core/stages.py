@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from prx_core import runlock
 from prx_core.checkpoint import CheckpointInfo, CheckpointManager
 from prx_core.errors import TrainingError
 from prx_core.recipe import Recipe, Stage
@@ -77,6 +78,9 @@ def run_stages(
             f"run directory {run_dir} already holds stages; pass --resume auto to continue it, or --run-dir to "
             "start a new run"
         )
+    # Rank 0 locks the whole run directory before writing stages.json (each stage's trainer then
+    # takes the same lock again, collectively, so every rank learns of a refusal).
+    run_lock = runlock.acquire(run_dir, " ".join(command)) if int(os.environ.get("RANK", "0")) == 0 else None
     previous: CheckpointInfo | None = None
     result: StagedResult | None = None
     for stage in recipe.stages:
@@ -110,13 +114,18 @@ def run_stages(
             command=command,
             continue_from=continue_from,
         )
+        trainer.lock_dir = run_dir
         trainer.setup()
         fit = trainer.fit()
         result = StagedResult(fit, directory, trainer)
         if fit.stopped_early:
+            if run_lock is not None:
+                run_lock.release()
             return result
         previous = _last_checkpoint(directory)
     _write_index(run_dir, recipe, len(recipe.stages))
+    if run_lock is not None:
+        run_lock.release()
     if result is None:
         raise TrainingError(f"every stage of {run_dir} is already finished")
     return result

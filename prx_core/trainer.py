@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from prx_core.images import save_grid
 from prx_core.keys import Stash
 from prx_core.recipe import Recipe
 from prx_core.rundir import METRICS_FILE, environment, git_sha, truncate_metrics, write_atomic, write_run_files
+from prx_core.runlock import LockHandle, acquire_on_rank0
 from prx_core.sampling import euler_sample
 from prx_core.schedules import lr_multiplier
 from prx_core.seeding import derive_seed, device_rng_states, generator_for, restore_device_rng
@@ -76,6 +78,7 @@ logger = logging.getLogger("prx")
 DRIFT_EXEMPT = (
     "train.steps",
     "train.compile",  # the same maths, compiled or not
+    "train.deterministic",  # the same maths, in a fixed summation order
     "train.log_every",
     "train.sample_every",
     "train.checkpoint_every",
@@ -119,6 +122,16 @@ def resolve_device(choice: str) -> torch.device:
             raise TrainingError("train.device is 'cuda' but no CUDA device is available")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def enable_deterministic() -> None:
+    """Deterministic CUDA kernels (``train.deterministic``): an op with none raises instead of
+    running a non-deterministic one. cuBLAS needs a fixed workspace for that, set before its first
+    use, and cuDNN must not pick kernels by timing."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    logger.info("train.deterministic: deterministic algorithms only (slower on CUDA)")
 
 
 def batch_layout(global_batch: int, micro_batch: int | None, world_size: int) -> tuple[int, int]:
@@ -313,16 +326,25 @@ class Trainer:
         #: Step of the last checkpoint started (None after a failed write), and failed writes so far.
         self.saved_step: int | None = None
         self.failed_saves = 0
+        #: Directory whose lock this trainer holds (a staged run locks its top directory), and the hold.
+        self.lock_dir = run_dir
+        self.run_lock: LockHandle | None = None
 
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
         recipe = self.recipe
         wanted = resolve_device(recipe.train.device)
+        if recipe.train.deterministic:
+            enable_deterministic()
         self.dist = init_from_env(wanted.type)
         device = torch.device("cuda", self.dist.local_rank) if wanted.type == "cuda" else wanted
         if not self.dist.is_main:
             logging.getLogger("prx").setLevel(logging.WARNING)  # one rank speaks
+        # One writer per run directory: rank 0 locks it before choosing a checkpoint or writing.
+        self.run_lock = acquire_on_rank0(self.lock_dir, self.dist, " ".join(self.command))
+        if self.run_lock is not None:
+            weakref.finalize(self, self.run_lock.release)
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=recipe.train.keep_checkpoints)
         start_from = self._checkpoint_to_resume()
         if recipe.overrides:
@@ -591,7 +613,17 @@ class Trainer:
             self._track(tracker.close)
         if self.tracker_failures:
             logger.warning("the tracker failed %d time(s); metrics.jsonl has the full record", self.tracker_failures)
-        self._finish_checkpoint(last=True)  # the write overlapped the final grid, evaluation and export
+        # The write overlapped the final grid, evaluation and export. Every rank returns once it is
+        # committed (or learns that it failed), so what follows may read the checkpoint.
+        failure: TrainingError | None = None
+        try:
+            self._finish_checkpoint(last=True)
+        except TrainingError as err:
+            failure = err
+        if any_rank(self.dist, failure is not None):
+            raise failure or TrainingError("rank 0 could not write the last checkpoint (see its log)")
+        if self.run_lock is not None:
+            self.run_lock.release()  # everything is written; a SIGTERM's save-and-exit ends here too
         return FitResult(self.step, last_loss, self.run_dir, self.step < train.steps)
 
     def _count_step_flops(self) -> int:
@@ -1005,7 +1037,13 @@ class Trainer:
         previous checkpoint valid: logged, and retried by the next save; when no save follows
         (``last``), training cannot end without its checkpoint, so it is a :class:`TrainingError`."""
         try:
-            self.checkpoints.wait()
+            written = self.checkpoints.wait()
+            if written is not None:
+                logger.info(
+                    "checkpoint %s committed %.1f s after its save began (written in the background)",
+                    written.path,
+                    self.checkpoints.write_seconds,
+                )
         except OSError as err:
             self.failed_saves += 1
             self.saved_step = None
@@ -1026,6 +1064,16 @@ class Trainer:
         except Exception as err:
             raise TrainingError(f"writing the checkpoint failed: {err}") from err
 
+    def _changed_recipe_sources(self) -> str:
+        """The recipe files whose sha256 differs from the ones run.json recorded, as one line."""
+        from prx_core.recipe_sources import changed_sources
+
+        try:
+            recorded = json.loads((self.run_dir / "run.json").read_text(encoding="utf-8")).get("recipe_sources")
+        except (OSError, ValueError):
+            return ""
+        return "; ".join(changed_sources(recorded, self.recipe.sources)) if recorded else ""
+
     def _read_checkpoint(self, info: CheckpointInfo, verify: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
         parts, meta = self.checkpoints.load(info, device="cpu", verify=verify)
         return upgrade_payload(parts, meta, info.path)
@@ -1039,8 +1087,13 @@ class Trainer:
         saved_fp = parts["trainer"].get("data_fingerprint")
         if saved_fp != self.run.require("data").fingerprint:
             drift.append(f"data fingerprint ({saved_fp} -> {self.run.require('data').fingerprint})")
+        changed = self._changed_recipe_sources()
+        if changed and not drift:
+            logger.info("recipe sources changed since the run started (%s); they resolve to the same recipe", changed)
         if drift:
             message = f"resuming {info.path} with a changed recipe: {', '.join(drift)}"
+            if changed:
+                message += f" (changed recipe sources: {changed})"
             if not self.allow_drift:
                 raise TrainingError(message + "; pass --allow-drift to accept the change")
             logger.warning(message + " (accepted with --allow-drift)")

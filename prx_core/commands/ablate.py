@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from prx_core import runlock
 from prx_core.config import RecipeError
 
 #: Where runs go without ``--runs-root``.
@@ -199,6 +200,11 @@ def main(argv: list[str]) -> int:
         if is_finished(run):
             print(f"ablate [{i}/{len(runs)}] {run.label}: finished earlier, skipped")
             results.append((run, "skipped (finished)", 0.0))
+            continue
+        holder = runlock.live_holder(run.run_dir)
+        if holder is not None:  # leave a live run's directory (and its metrics) untouched
+            print(f"ablate [{i}/{len(runs)}] {run.label}: {run.run_dir} is in use ({holder.describe()}), skipped")
+            results.append((run, f"FAILED (run directory in use by {holder.host} pid {holder.pid})", 0.0))
             continue
         resuming = has_checkpoint(run)
         _set_aside_stale_metrics(run)

@@ -88,6 +88,23 @@ def test_minilm_width_comes_from_its_bundled_weights(tmp_path: Path) -> None:
         load(write_recipe(tmp_path, {"text_encoder": {"dim": 512}}))
 
 
+def test_a_hub_encoder_in_the_local_cache_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    # The Hugging Face cache layout: models--org--name/{refs/main, snapshots/<commit>/...}.
+    repo = tmp_path / "hub" / "models--prx-tests--tiny-qwen3vl"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    (snapshot / "text_encoder").mkdir(parents=True)
+    (snapshot / "text_encoder" / "config.json").write_text('{"model_type": "qwen3_vl_text", "hidden_size": 48}')
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    table = {"use": "qwen3vl", "path": "prx-tests/tiny-qwen3vl", "subfolder": "text_encoder", "max_length": 8}
+    load(write_recipe(tmp_path, {"text_encoder": {**table, "dim": 48}}))
+    with pytest.raises(RecipeError, match=r"'text_encoder\.dim' is 2048, but qwen3vl's weights .* produce 48-d"):
+        load(write_recipe(tmp_path, {"text_encoder": table}))  # the default dim, 2048
+
+
 def test_an_uncached_hub_encoder_is_not_checked_and_nothing_downloads(tmp_path: Path) -> None:
     # HF_HUB_OFFLINE=1 (tests/conftest.py): a download attempt would fail; the check just has no opinion.
     table = {"use": "qwen3vl", "path": "prx-tests/not-a-real-model", "dim": 48, "max_length": 8}

@@ -85,8 +85,11 @@ def test_seed_changes_data_and_noise(tmp_path: Path) -> None:
 
 
 def test_batch_layout_is_validated_and_accumulates(tmp_path: Path) -> None:
-    with pytest.raises(Exception, match="not divisible"):
+    # 4 = 3 × accumulation × world size has no whole solution: refused by the recipe check.
+    with pytest.raises(Exception, match=r"'train\.micro_batch' is 3, which does not divide train\.global_batch = 4"):
         make_trainer(tiny_recipe(tmp_path, {"train": {"micro_batch": 3}}), tmp_path / "run")
+    with pytest.raises(Exception, match="not divisible by micro_batch 2 × world size 3"):
+        trainer_module.batch_layout(4, 2, 3)  # divisible alone, not across 3 processes: known only at start
     trainer = make_trainer(tiny_recipe(tmp_path, {"train": {"micro_batch": 2}}), tmp_path / "run2")
     assert (trainer.micro_batch, trainer.accumulation) == (2, 2)
     assert all(torch.isfinite(torch.tensor(run_steps(trainer, 1))))

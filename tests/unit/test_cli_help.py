@@ -60,3 +60,8 @@ def test_each_command_answers_its_own_help(command: str, capsys: pytest.CaptureF
         main([command, "--help"])
     assert stopped.value.code == 0
     assert f"prx-run {command}" in capsys.readouterr().out
+
+
+def test_a_mistyped_command_is_named_with_a_suggestion(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["chek", "recipes/"]) == 2
+    assert "unknown command 'chek'; did you mean 'check'?" in capsys.readouterr().err

@@ -158,11 +158,11 @@ def test_image_to_tensor_keeps_uint8_pixels_and_converts_like_the_decoder_did() 
     tensor = image_to_tensor(Image.new("RGB", (3, 2), (255, 0, 51)))
     assert tensor.shape == (3, 2, 3) and tensor.dtype == torch.uint8 and tensor.is_contiguous()
     assert tensor[:, 0, 0].tolist() == [255, 0, 51]
-    # On the device it becomes [0, 1] floats: 51 / 255 = 0.2, bit for bit the fp32 division.
+    # On the device it becomes [0, 1] floats: 51 / 255 = 0.2, the exact quotient rounded to fp32
+    # (float64 division, then one rounding, which for these operands is the correctly rounded fp32).
     as_float = images_to_float(tensor)
     assert as_float.dtype == torch.float32
-    assert as_float[:, 0, 0].tolist() == [1.0, 0.0, torch.tensor(51.0).div(255.0).item()]
-    assert abs(as_float[2, 0, 0].item() - 0.2) < 1e-7
+    assert as_float[:, 0, 0].tolist() == [1.0, 0.0, float(np.float32(51 / 255))]
 
 
 def test_garbage_is_undecodable() -> None:

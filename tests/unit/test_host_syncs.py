@@ -55,9 +55,11 @@ def test_the_counter_sees_known_copies_and_reads(host_syncs: ModuleType) -> None
     assert {kind for _, kind in counts.device_to_host} == {"item", "bool", "tolist", "cpu", "nonzero"}
 
 
-@pytest.mark.parametrize("name", ["flow matching", "tread + ema + muon"])
+@pytest.mark.parametrize("name", ["flow matching", "tread + ema + muon", "image folder (uint8)", "precomputed"])
 def test_a_training_step_meets_the_targets(host_syncs: ModuleType, name: str) -> None:
-    counts, steps = host_syncs.count_step(host_syncs.CONFIGURATIONS[name], steps=1)
+    counts, steps = host_syncs.count_step(
+        host_syncs.CONFIGURATIONS[name], steps=1, prepare=host_syncs.PREPARE.get(name)
+    )
     copies = counts.by_role(counts.host_to_device)
     reads = counts.by_role(counts.device_to_host)
     micro_steps = steps * host_syncs.ACCUMULATION
@@ -69,6 +71,8 @@ def test_a_training_step_meets_the_targets(host_syncs: ModuleType, name: str) ->
     assert copies["text encoder (cache misses)"] <= micro_steps, counts.where
     assert reads["text encoder (cache misses)"] <= micro_steps, counts.where
     assert set(copies) <= {"batch", "text encoder (cache misses)"}, counts.where
+    if name == "precomputed":  # no encoder runs: the stored latents, text and mask are the one copy
+        assert counts.copies == micro_steps and counts.reads == steps, counts.where
 
 
 def test_a_precomputed_batch_crosses_in_one_copy_with_its_text_cut(host_syncs: ModuleType) -> None:

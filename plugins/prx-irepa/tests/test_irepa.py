@@ -253,8 +253,8 @@ def test_hook_refuses_a_conv_projector_on_a_routed_layer(weights: Path, tmp_path
         prx_irepa.prx_loss_terms(step)
 
 
-def test_layer_beyond_the_model_is_refused_at_setup(weights: Path, tmp_path: Path) -> None:
-    with pytest.raises(RecipeError, match=r"plugins\.irepa\.layer is 5, but the model has blocks 0\.\.2"):
+def test_layer_beyond_the_model_is_refused_by_the_recipe_check(weights: Path, tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"'plugins\.irepa\.layer' is 5, but model\.depth = 3 has blocks 0\.\.2"):
         make_trainer(tiny_recipe(tmp_path / "r", _patch(weights, layer=5)), tmp_path / "run")
 
 

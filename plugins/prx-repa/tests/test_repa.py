@@ -262,8 +262,8 @@ def test_route_plan_in_the_stash_selects_visible_targets(weights: Path, tmp_path
     assert term.value.item() == pytest.approx(expected, abs=1e-6)
 
 
-def test_layer_beyond_the_model_is_refused_at_setup(weights: Path, tmp_path: Path) -> None:
-    with pytest.raises(RecipeError, match=r"plugins\.repa\.layer is 3, but the model has blocks 0\.\.2"):
+def test_layer_beyond_the_model_is_refused_by_the_recipe_check(weights: Path, tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"'plugins\.repa\.layer' is 3, but model\.depth = 3 has blocks 0\.\.2"):
         make_trainer(tiny_recipe(tmp_path / "r", _patch(weights, layer=3)), tmp_path / "run")
 
 

@@ -290,7 +290,8 @@ def test_sampling_without_ema_runs_the_trained_fusion(tmp_path: Path) -> None:
 
 
 def test_span_beyond_the_model_is_refused_with_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(RecipeError, match=r"router\.end is 5, but the model has blocks 0\.\.1"):
+    # Refused by the recipe check (prx-run check and a run's start), before anything is built.
+    with pytest.raises(RecipeError, match=r"'router\.end' is 5, but model\.depth = 2 has blocks 0\.\.1"):
         _trainer(tmp_path, "deep", {"router": {"end": 5}})
 
 

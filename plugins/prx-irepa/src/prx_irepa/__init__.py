@@ -154,9 +154,12 @@ def prx_check_recipe(recipe: Any) -> list[str]:
 @hookimpl
 def prx_configure(run: RunContext) -> None:
     config: IrepaConfig = run.plugin_config(INFO.name)
-    depth = run.recipe.model.depth
-    if config.layer >= depth:
-        raise RecipeError(f"plugins.irepa.layer is {config.layer}, but the model has blocks 0..{depth - 1}")
+    from prx_core.recipe_checks import block_index_problem
+
+    # prx_check_recipe refuses this already; repeated for runs built from an unchecked recipe.
+    problem = block_index_problem(f"plugins.{INFO.name}.layer", config.layer, run.recipe.model.depth)
+    if problem:
+        raise RecipeError(problem)
     check_router_span(run.router, config.layer, config.projector)
     run.capture_after_block(config.layer)
     if precomputed_width(run) is None:
