@@ -65,7 +65,7 @@ def main() -> None:
     reserved = max((r.get("peak_mem_reserved_gb", 0.0) for r in rows), default=0.0)
     log = (straight / "train.log").read_text(encoding="utf-8")
     blocking = [float(x) for x in re.findall(r"state copied in ([\d.]+) s", log)]
-    written = [float(x) for x in re.findall(r"committed ([\d.]+) s after its save began", log)]
+    written = [float(x) for x in re.findall(r"\(committed ([\d.]+) s after its save began", log)]
     grid = sorted((straight / "samples").glob("*.png"))
 
     shutil.copytree(straight, resumed)

@@ -161,16 +161,19 @@ def _read_url(url: str) -> RecipeText:
     root = cache_dir()
     index = root / "urls" / f"{hashlib.sha256(url.encode()).hexdigest()}.json"
     if index.is_file():
-        digest = json.loads(index.read_text(encoding="utf-8"))["sha256"]
+        try:
+            digest = str(json.loads(index.read_text(encoding="utf-8"))["sha256"])
+        except (ValueError, KeyError):
+            digest = ""  # a damaged entry: fetch again
         blob = root / "blobs" / digest
-        if blob.is_file():
+        if digest and blob.is_file():
             data = blob.read_bytes()
             if hashlib.sha256(data).hexdigest() == digest:
                 return RecipeText(url, data)
     if offline():
         raise RecipeError(f"{url}: not in the recipe cache ({root}) and offline (PRX_OFFLINE / HF_HUB_OFFLINE)")
     try:
-        with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 (http(s) only, checked above)
+        with urllib.request.urlopen(url, timeout=30) as response:  # http(s) only: read() routes nothing else here
             data = response.read(MAX_RECIPE_BYTES + 1)
     except (urllib.error.URLError, OSError) as err:
         raise RecipeError(f"{url}: download failed: {err}") from None
@@ -212,7 +215,8 @@ def _read_hub(ref: str) -> RecipeText:
     try:
         local = hf_hub_download(repo, filename, revision=revision, repo_type=repo_type, local_files_only=offline())
     except LocalEntryNotFoundError:
-        raise RecipeError(f"{ref}: not in the local Hub cache and offline (HF_HUB_OFFLINE)") from None
+        why = "offline (HF_HUB_OFFLINE)" if offline() else "the Hub could not be reached"
+        raise RecipeError(f"{ref}: not in the local Hub cache and {why}") from None
     except (HfHubHTTPError, OSError, ValueError) as err:
         raise RecipeError(f"{ref}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
     path = Path(local)

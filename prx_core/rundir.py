@@ -11,6 +11,8 @@ Layout::
     <run_dir>/samples/          sample grids (PNG) and their prompts
     <run_dir>/checkpoints/      full-state checkpoints (see prx_core.checkpoint)
     <run_dir>/final/transformer the trained denoiser as a diffusers folder
+    <run_dir>/prx.lock          while a process writes the run: its host, pid, start, heartbeat
+                                (see prx_core.runlock)
 """
 
 from __future__ import annotations

@@ -205,6 +205,8 @@ class RunLock:
         os.replace(tmp, self.path)
 
     def remove(self) -> None:
+        if os.getpid() != self.holder.pid:  # a forked child exiting must not free its parent's lock
+            return
         with self._mutex:
             self._removed = True
             current = Holder.read(self.path)

@@ -1040,7 +1040,7 @@ class Trainer:
             written = self.checkpoints.wait()
             if written is not None:
                 logger.info(
-                    "checkpoint %s committed %.1f s after its save began (written in the background)",
+                    "saved checkpoint %s (committed %.1f s after its save began, written in the background)",
                     written.path,
                     self.checkpoints.write_seconds,
                 )

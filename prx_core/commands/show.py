@@ -2,6 +2,9 @@
 
     prx-run show RECIPE [--set KEY=VALUE ...]
 
+RECIPE is a recipe reference (a file, ``pkg:``/``ep:``/URL/``hf://``) or a run directory (its
+resolved ``recipe.toml``, where every value was written by that file).
+
 Like ``git config --show-origin``: one line per resolved key, ``ORIGIN<TAB>KEY = VALUE``, where
 ORIGIN is ``file:PATH`` for a local file (relative to the working directory when inside it), the
 ``pkg:``/``ep:``/URL/``hf://`` reference of a shared one, ``--set`` for an override, ``default``
@@ -25,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
     out = argparse.ArgumentParser(
         prog="prx-run show", description="Print a resolved recipe with the origin of every key."
     )
-    out.add_argument("recipe", help="a recipe file, pkg:/ep: reference, URL or hf:// reference")
+    out.add_argument("recipe", help="a recipe file, pkg:/ep: reference, URL, hf:// reference or run directory")
     out.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return out
 
@@ -85,11 +88,12 @@ def render(value: Any) -> str:
 
 
 def main(argv: list[str]) -> int:
+    from prx_core.commands.diff import recipe_ref
     from prx_core.recipe import load_with_origins
 
     args = parser().parse_args(argv)
     try:
-        recipe, raw = load_with_origins(args.recipe, args.overrides)
+        recipe, raw = load_with_origins(recipe_ref(args.recipe), args.overrides)
     except RecipeError as err:
         print(f"prx-run show: {err}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 #: An outside plugin, found through PYTHONPATH by its entry point: rank 1 raises once, after the
 #: optimizer step ``CRASH_AT_STEP``, when ``CRASH_MARKER`` does not exist yet (it creates it).
 #: Every rank appends "<launcher attempt> <step>" per step to steps-rank<r>.txt.
-PLUGIN = '''
+PLUGIN = """
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +50,7 @@ def prx_after_optimizer_step(run, step):
     if marker and run.rank == 1 and step == int(os.environ["CRASH_AT_STEP"]) and not Path(marker).exists():
         Path(marker).touch()
         raise RuntimeError("injected failure of rank 1")
-'''
+"""
 
 
 def _plugin_site(root: Path) -> Path:

@@ -39,9 +39,9 @@ def test_docs_have_code_blocks() -> None:
 
 @pytest.mark.parametrize(("where", "body"), blocks("toml"), ids=[w for w, _ in blocks("toml")])
 def test_toml_blocks_are_valid_recipes(where: str, body: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tomllib
+    import tomli  # recipes are TOML 1.1, as prx reads them
 
-    data = tomllib.loads(body)
+    data = tomli.loads(body)
     if "extends" in data:
         # A complete child recipe: resolve its parent among the shipped recipes.
         shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
@@ -50,7 +50,7 @@ def test_toml_blocks_are_valid_recipes(where: str, body: str, tmp_path: Path, mo
     else:
         # A fragment: it must validate when merged into the quickstart recipe.
         with (ROOT / "recipes" / "quickstart.toml").open("rb") as fh:
-            base = tomllib.load(fh)
+            base = tomli.load(fh)
         if data.get("data", {}).get("use", "synthetic_shapes") != "synthetic_shapes":
             base.get("metrics", {}).pop("shapes_adherence", None)  # scores synthetic shapes only
         # Plugin docs describe PRX's 16 blocks (TREAD's blocks 2..12, REPA's layer 7), and `check`

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ def _dead_pid() -> int:
 
 
 @pytest.fixture
-def live_pid() -> int:
+def live_pid() -> Iterator[int]:
     """A process on this host that stays alive for the test."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     yield child.pid
@@ -61,7 +62,8 @@ def test_a_live_holder_is_refused_by_name(tmp_path: Path, live_pid: int) -> None
     assert "\n" not in message
     assert f"host {socket.gethostname()}, pid {live_pid}, started 2023-11-14 22:13:20 UTC" in message
     assert json.loads((tmp_path / LOCK_FILE).read_text())["token"] == "theirs"  # untouched
-    assert live_holder(tmp_path) is not None and live_holder(tmp_path).pid == live_pid  # type: ignore[union-attr]
+    holder = live_holder(tmp_path)
+    assert holder is not None and holder.pid == live_pid
 
 
 def test_a_dead_holder_on_this_host_is_taken_over_with_a_warning(
