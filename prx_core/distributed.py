@@ -53,7 +53,16 @@ def init_from_env(device_type: str) -> DistEnv:
         backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if attempt != "0":
+            # After a restart by torchrun the launcher's store still holds the failed attempt's keys
+            # (each rank's gloo address, NCCL's unique id): a rank that read one before its peer
+            # rewrote it would connect to a dead process. A prefix per attempt keeps them apart.
+            store, _, _ = next(dist.rendezvous("env://"))
+            attempt_store = dist.PrefixStore(f"prx/attempt_{attempt}/", store)
+            dist.init_process_group(backend=backend, store=attempt_store, rank=rank, world_size=world_size)
+        else:
+            dist.init_process_group(backend=backend)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank)
 
 

@@ -191,6 +191,9 @@ class RunLock:
 
     def _beat(self) -> None:
         current = Holder.read(self.path)
+        if current is None and not self.run_dir.exists():  # the directory was deleted (a test's temp dir)
+            _forget(self)
+            return
         if current is None or current.token != self.holder.token:
             logger.error(
                 "run lock %s was removed or taken over by another process (%s); this run no longer holds it",

@@ -90,6 +90,7 @@ def test_a_rank_failing_once_is_restarted_from_the_newest_checkpoint(tmp_path: P
         tmp_path,
         {"PYTHONPATH": pythonpath, "CRASH_MARKER": str(marker), "CRASH_AT_STEP": "5"},
     )
+    (tmp_path / "restarted.log").write_text(restarted.stderr)  # the launcher's account, for a failure
     assert restarted.returncode == 0, restarted.stderr[-4000:]
     assert marker.exists() and "injected failure of rank 1" in restarted.stderr
 
