@@ -133,6 +133,7 @@ def main() -> None:
 
     from prx_core.recipe import deep_merge, dump_toml, load
     from prx_core.testing.fixtures import TINY_RECIPE
+    from prx_core.text_cache import CachedTextEncoder
     from prx_core.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,7 +166,10 @@ def main() -> None:
         trainer = Trainer(recipe, run_dir, resume="auto")
         trainer.setup()
         if args.text_cache_mb is not None:
-            trainer.run.text_encoder.max_bytes = int(args.text_cache_mb * 2**20)
+            cache = trainer.run.text_encoder
+            if not isinstance(cache, CachedTextEncoder):
+                raise TypeError(f"the run's text encoder is {type(cache).__name__}, not prx's CachedTextEncoder")
+            cache.max_bytes = int(args.text_cache_mb * 2**20)
         started = time.perf_counter()
         result = trainer.fit()
         minutes = (time.perf_counter() - started) / 60
