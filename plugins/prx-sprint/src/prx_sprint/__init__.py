@@ -88,15 +88,9 @@ def prx_register_token_routers(registry: Any) -> None:
 @hookimpl
 def prx_check_recipe(recipe: Any) -> list[str]:
     """``prx-run check`` refuses a span past the model's last block, as building the router would."""
-    from prx_core.recipe_checks import block_index_problem
+    from prx_core.recipe_checks import router_span_problems
 
-    router = recipe.slots.get("router")
-    if router is None or router.use != INFO.name:
-        return []
-    problem = block_index_problem(
-        "router.end", router.config.end, recipe.model.depth, "the routed span start..end is inclusive"
-    )
-    return [problem] if problem else []
+    return router_span_problems(recipe, INFO.name)
 
 
 @hookimpl

@@ -56,20 +56,11 @@ def prx_register_text_encoders(registry: Any) -> None:
 def prx_check_recipe(recipe: Any) -> list[str]:
     """``prx-run check`` refuses a ``dim`` the weights do not have, when their ``config.json`` is on
     this machine (a local directory or the Hugging Face cache); nothing is downloaded."""
-    from prx_core.recipe_checks import model_config_json, text_width_problem
+    from prx_core.recipe_checks import chosen_config, encoder_width_problems
 
-    choice = recipe.slots.get("text_encoder")
-    if choice is None or choice.use != "t5gemma":
+    config: T5GemmaEncoderConfig | None = chosen_config(recipe, "text_encoder", "t5gemma")
+    if config is None:
         return []
-    config: T5GemmaEncoderConfig = choice.config
-    found = model_config_json(config.path, config.subfolder)
-    if found is None:
-        return []
-    model_config, file = found
     # An encoder-decoder checkpoint nests the encoder's config; a bare T5GemmaEncoder's is flat.
-    if model_config.get("model_type") == "t5gemma":
-        model_config = model_config.get("encoder") or {}
-    elif model_config.get("model_type") != "t5_gemma_module":
-        return []  # not a T5Gemma: loading says so with the loader's message
-    problem = text_width_problem("t5gemma", config.dim, model_config.get("hidden_size"), file)
-    return [problem] if problem else []
+    nested = {"t5gemma": "encoder", "t5_gemma_module": None}
+    return encoder_width_problems("t5gemma", config.dim, config.path, config.subfolder, nested)
