@@ -41,6 +41,8 @@ def test_docs_have_code_blocks() -> None:
 def test_toml_blocks_are_valid_recipes(where: str, body: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import tomli  # recipes are TOML 1.1, as prx reads them
 
+    # Relative paths in an example (`init = "run:runs/quickstart"`) must not find the reader's own runs.
+    monkeypatch.chdir(tmp_path)
     data = tomli.loads(body)
     if "extends" in data:
         # A complete child recipe: resolve its parent among the shipped recipes.
